@@ -1,0 +1,134 @@
+"""Gemma 4 building blocks shared by the target and the drafters: norms, RoPE, dense MLP, mixture of experts."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from mtp.target.config import RopeConfig
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], *, scale: float | None = None,
+          value: float | None = None, dtype: jnp.dtype = jnp.float32) -> nnx.Param:  # fmt: skip
+    """A parameter tagged with logical axis names (see ``mtp.sharding``); normal(scale) or constant init."""
+    assert len(shape) == len(axes), (shape, axes)
+    if value is not None:
+        init = jnp.full(shape, value, dtype)
+    else:
+        std = scale if scale is not None else 1.0 / math.sqrt(shape[0])
+        init = std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(init, axes=axes)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
+    """``x * (mean(x²) + eps)^-½ * w`` in at least float32; Gemma 4 multiplies by ``w`` (not ``1 + w``)."""
+    compute = jnp.promote_types(x.dtype, jnp.float32)
+    xc = x.astype(compute)
+    y = xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
+    if weight is not None:
+        y = y * weight.astype(compute)
+    return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation over the last axis, with a learned scale unless ``with_scale=False``."""
+
+    def __init__(self, dim: int, eps: float, *, axis_name: str | None = None, with_scale: bool = True):
+        self.eps = eps
+        self.weight = nnx.data(param(None, (dim,), (axis_name,), value=1.0) if with_scale else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, None if self.weight is None else self.weight[...], self.eps)
+
+
+def rope_inv_freq(head_dim: int, rope: RopeConfig) -> np.ndarray:
+    """Inverse frequencies of one attention type; unrotated pairs get frequency 0 (Gemma 4 "proportional")."""
+    rotated_pairs = int(rope.rotary_fraction * head_dim // 2)
+    exponents = np.arange(0, 2 * rotated_pairs, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = np.float32(1.0) / (np.float32(rope.theta) ** exponents)
+    inv_freq = np.concatenate([inv_freq, np.zeros(head_dim // 2 - rotated_pairs, np.float32)])
+    return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+
+
+def rope_tables(positions_BT: Int[Array, "B T"], inv_freq: np.ndarray,
+                dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """cos and sin ``[B, T, H]`` in at least float32, in rotate-half layout (frequencies repeated per half)."""
+    compute = jnp.promote_types(dtype, jnp.float32)
+    freqs_BTh = positions_BT.astype(compute)[..., None] * jnp.asarray(inv_freq, compute)
+    angles_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
+    return jnp.cos(angles_BTH), jnp.sin(angles_BTH)
+
+
+def apply_rope(x_BTNH: Float[Array, "B T N H"], cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    """Rotate-half RoPE: pairs are (i, i + H/2); frequency-0 pairs pass through unchanged."""
+    half = x_BTNH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+    cos, sin = cos_BTH[:, :, None, :].astype(x_BTNH.dtype), sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
+    return x_BTNH * cos + rotated * sin
+
+
+class MLP(nnx.Module):
+    """Gated GELU feed-forward: ``down(gelu(gate(x)) * up(x))``."""
+
+    def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs):
+        self.gate = param(rngs, (width, hidden), ("embed", "mlp"))
+        self.up = param(rngs, (width, hidden), ("embed", "mlp"))
+        self.down = param(rngs, (hidden, width), ("mlp", "embed"))
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        dtype = x_BTD.dtype
+        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dtype))
+        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dtype))
+        return jnp.einsum("BTF,FD->BTD", gelu_tanh(gate_BTF) * up_BTF, self.down[...].astype(dtype))
+
+
+class MixtureOfExperts(nnx.Module):
+    """Gemma 4's routed experts (run beside the dense MLP): softmax router, top-k, per-expert scale.
+
+    Tokens are sorted by expert and multiplied with ``jax.lax.ragged_dot``, so the cost is that of the k chosen
+    experts per token, not of all E.
+    """
+
+    def __init__(self, width: int, hidden: int, num_experts: int, top_k: int, eps: float, *, rngs: nnx.Rngs):
+        self.top_k, self.eps = top_k, eps
+        self.router_proj = param(rngs, (width, num_experts), ("embed", None))
+        self.router_scale = param(None, (width,), ("embed",), value=1.0)
+        self.per_expert_scale = param(None, (num_experts,), (None,), value=1.0)
+        self.gate_up = param(rngs, (num_experts, width, 2 * hidden), ("experts", "embed", "mlp"))
+        self.down = param(rngs, (num_experts, hidden, width), ("experts", "mlp", "embed"), scale=hidden**-0.5)
+
+    def route(self, residual_MD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Top-k expert ids and their weights for each token, from the un-normalised residual stream."""
+        width = residual_MD.shape[-1]
+        r_MD = rms_norm(residual_MD, None, self.eps) * self.router_scale[...].astype(residual_MD.dtype)
+        scores_ME = jnp.einsum("MD,DE->ME", r_MD * width**-0.5, self.router_proj[...].astype(r_MD.dtype))
+        probs_ME = jax.nn.softmax(scores_ME.astype(jnp.promote_types(scores_ME.dtype, jnp.float32)), axis=-1)
+        weights_Mk, experts_Mk = jax.lax.top_k(probs_ME, self.top_k)
+        weights_Mk = weights_Mk / jnp.sum(weights_Mk, axis=-1, keepdims=True)
+        return experts_Mk, weights_Mk * self.per_expert_scale[...][experts_Mk]
+
+    def __call__(self, x_BTD: jax.Array, residual_BTD: jax.Array) -> jax.Array:
+        batch, length, width = x_BTD.shape
+        x_MD = x_BTD.reshape(-1, width)
+        experts_Mk, weights_Mk = self.route(residual_BTD.reshape(-1, width))
+        num_experts = self.gate_up.shape[0]
+        flat_experts = experts_Mk.reshape(-1)
+        order = jnp.argsort(flat_experts, stable=True)
+        token_of = order // self.top_k
+        group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
+        x_sorted = x_MD[token_of]
+        gate_up = jax.lax.ragged_dot(x_sorted, self.gate_up[...].astype(x_MD.dtype), group_sizes)
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        y = jax.lax.ragged_dot(gelu_tanh(gate) * up, self.down[...].astype(x_MD.dtype), group_sizes)
+        y = y * weights_Mk.reshape(-1)[order][:, None].astype(y.dtype)
+        out_MD = jnp.zeros_like(x_MD).at[token_of].add(y)
+        return out_MD.reshape(batch, length, width)

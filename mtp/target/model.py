@@ -1,0 +1,197 @@
+"""The Gemma 4 text decoder in Flax NNX: prefill, decode and verify over a KV cache, or one cache-less forward."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from mtp.target import cache as cache_lib
+from mtp.target.attention import Attention, attend, cache_mask, chunk_mask
+from mtp.target.cache import KVCache
+from mtp.target.config import ATTENTION_TYPES, SLIDING, Gemma4Config
+from mtp.target.layers import MLP, MixtureOfExperts, RMSNorm, gelu_tanh, param, rope_inv_freq, rope_tables
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerKV:
+    """K/V a drafter reads: keys and values ``[B, K, S, H]`` and the position of every slot (-1 = none)."""
+
+    keys: jax.Array
+    values: jax.Array
+    positions: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TargetOutput:
+    """Logits (soft-capped), last hidden state after the final norm, and the drafter-facing K/V per layer type."""
+
+    logits: jax.Array | None
+    hidden: jax.Array
+    drafter_kv: dict[str, LayerKV]
+
+
+class DecoderLayer(nnx.Module):
+    """Attention, dense MLP (+ experts), per-layer-embedding residual, and the learned layer scalar."""
+
+    def __init__(self, config: Gemma4Config, layer: int, *, rngs: nnx.Rngs):
+        width, eps, layer_type = config.hidden_size, config.rms_norm_eps, config.layer_types[layer]
+        self.attn = Attention(
+            width, config.num_heads, config.kv_heads(layer_type), config.head_dim_of(layer_type), eps,
+            owns_kv=not config.shares_kv(layer), keys_are_values=config.keys_are_values(layer), rngs=rngs,
+        )  # fmt: skip
+        self.input_norm = RMSNorm(width, eps, axis_name="embed")
+        self.post_attn_norm = RMSNorm(width, eps, axis_name="embed")
+        self.pre_ffw_norm = RMSNorm(width, eps, axis_name="embed")
+        self.post_ffw_norm = RMSNorm(width, eps, axis_name="embed")
+        self.mlp = MLP(width, config.mlp_width(layer), rngs=rngs)
+        self.moe = nnx.data(None)
+        if config.enable_moe:
+            self.moe = MixtureOfExperts(
+                width, config.moe_intermediate_size, config.num_experts, config.top_k_experts, eps, rngs=rngs
+            )
+            self.post_ffw_norm_1 = RMSNorm(width, eps, axis_name="embed")
+            self.pre_ffw_norm_2 = RMSNorm(width, eps, axis_name="embed")
+            self.post_ffw_norm_2 = RMSNorm(width, eps, axis_name="embed")
+        self.ple_gate = nnx.data(None)
+        if config.per_layer_input_dim:
+            self.ple_gate = param(rngs, (width, config.per_layer_input_dim), ("embed", None))
+            self.ple_proj = param(rngs, (config.per_layer_input_dim, width), (None, "embed"))
+            self.ple_norm = RMSNorm(width, eps, axis_name="embed")
+        self.layer_scalar = param(None, (1,), (None,), value=1.0)
+
+    def feed_forward(self, x_BTD: jax.Array, ple_BTG: jax.Array | None) -> jax.Array:
+        h_BTD = self.mlp(self.pre_ffw_norm(x_BTD))
+        if self.moe is not None:
+            experts_BTD = self.moe(self.pre_ffw_norm_2(x_BTD), x_BTD)
+            h_BTD = self.post_ffw_norm_1(h_BTD) + self.post_ffw_norm_2(experts_BTD)
+        x_BTD = x_BTD + self.post_ffw_norm(h_BTD)
+        if self.ple_gate is not None:
+            gate_BTG = gelu_tanh(jnp.einsum("BTD,DG->BTG", x_BTD, self.ple_gate[...].astype(x_BTD.dtype)))
+            h_BTD = jnp.einsum("BTG,GD->BTD", gate_BTG * ple_BTG, self.ple_proj[...].astype(x_BTD.dtype))
+            x_BTD = x_BTD + self.ple_norm(h_BTD)
+        return x_BTD * self.layer_scalar[...].astype(x_BTD.dtype)
+
+
+class Gemma4(nnx.Module):
+    """A Gemma 4 text decoder (``Gemma4ForCausalLM``) with tied, sqrt(D)-scaled embeddings."""
+
+    def __init__(self, config: Gemma4Config, *, rngs: nnx.Rngs):
+        self.config = config
+        width = config.hidden_size
+        self.embed = param(rngs, (config.vocab_size, width), ("vocab", "embed"), scale=1.0)
+        self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_layers)])
+        self.final_norm = RMSNorm(width, config.rms_norm_eps, axis_name="embed")
+        self.ple_embed = nnx.data(None)
+        if config.per_layer_input_dim:
+            layers, dim = config.num_layers, config.per_layer_input_dim
+            self.ple_embed = param(rngs, (config.per_layer_vocab_size, layers, dim), ("vocab", None, None), scale=1.0)
+            self.ple_model_proj = param(rngs, (width, layers, dim), ("embed", None, None))
+            self.ple_proj_norm = RMSNorm(dim, config.rms_norm_eps)
+
+    def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
+        """The scaled input embedding; the scale is rounded to the table's dtype, as in transformers."""
+        table = self.embed[...]
+        return table[tokens_BT] * jnp.asarray(math.sqrt(self.config.hidden_size), table.dtype)
+
+    def logits(self, hidden_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, self.embed[...].astype(hidden_BTD.dtype))
+        if (cap := self.config.final_logit_softcapping) is not None:
+            logits_BTV = jnp.tanh(logits_BTV / cap) * cap
+        return logits_BTV
+
+    def per_layer_inputs(self, tokens_BT: jax.Array, x_BTD: jax.Array) -> jax.Array:
+        """PLE: the per-layer token embedding mixed with a projection of the scaled input embedding."""
+        dim, table = self.config.per_layer_input_dim, self.ple_embed[...]
+        tok_BTLG = table[tokens_BT] * jnp.asarray(math.sqrt(dim), table.dtype)
+        proj_BTLG = jnp.einsum("BTD,DLG->BTLG", x_BTD, self.ple_model_proj[...].astype(x_BTD.dtype))
+        proj_BTLG = self.ple_proj_norm(proj_BTLG * self.config.hidden_size**-0.5)
+        return (proj_BTLG + tok_BTLG.astype(x_BTD.dtype)) * 2**-0.5
+
+    def __call__(
+        self,
+        tokens_BT: Int[Array, "B T"],
+        cache: KVCache | None = None,
+        *,
+        num_valid_B: Int[Array, " B"] | None = None,
+        positions_BT: Int[Array, "B T"] | None = None,
+        segments_BT: Int[Array, "B T"] | None = None,
+        return_logits: bool = True,
+        dtype: jnp.dtype = jnp.float32,
+    ) -> tuple[TargetOutput, KVCache | None]:
+        """Runs T new tokens per row.
+
+        With a cache: the tokens sit at positions ``cache.length + [0, T)``; the first ``num_valid_B`` of each row
+        are written to the cache (ragged prefill: right-padded prompts), and the caller commits what it accepts.
+        Without a cache: one causal forward over the sequence (``positions_BT`` and ``segments_BT`` for packed
+        documents), returning every token's K/V for the drafter.
+        """
+        config = self.config
+        batch, length = tokens_BT.shape
+        index_T = jnp.arange(length, dtype=jnp.int32)
+        if cache is not None:
+            positions_BT = cache.length[:, None] + index_T
+            limit = length if num_valid_B is None else num_valid_B[:, None]
+            valid_BT = jnp.broadcast_to(index_T < limit, (batch, length))
+        else:
+            positions_BT = jnp.broadcast_to(index_T, (batch, length)) if positions_BT is None else positions_BT
+            valid_BT = jnp.ones((batch, length), bool) if segments_BT is None else segments_BT > 0
+
+        x_BTD = self.embed_tokens(tokens_BT).astype(dtype)
+        ple_BTLG = self.per_layer_inputs(tokens_BT, x_BTD) if self.ple_embed is not None else None
+        rope, masks, slots, new_slot_positions = {}, {}, {}, {}
+        for layer_type in ATTENTION_TYPES:
+            head_dim = config.head_dim_of(layer_type)
+            rope[layer_type] = rope_tables(positions_BT, rope_inv_freq(head_dim, config.rope(layer_type)), dtype)
+            window = config.sliding_window if layer_type == SLIDING else None
+            masks[layer_type] = [chunk_mask(positions_BT, valid_BT, segments_BT, window)]
+            if cache is not None:
+                slot_pos_BS = cache.slot_positions[layer_type]
+                masks[layer_type].insert(0, cache_mask(positions_BT, slot_pos_BS, cache.length, window))
+                slots[layer_type] = cache_lib.write_slots(
+                    positions_BT, valid_BT, slot_pos_BS.shape[1], ring=layer_type == SLIDING
+                )
+                new_slot_positions[layer_type] = cache_lib.scatter_BS(slot_pos_BS, positions_BT, slots[layer_type])
+
+        blocks: dict[int, list[tuple[jax.Array, jax.Array]]] = {}
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            layer_type = config.layer_types[i]
+            cos_BTH, sin_BTH = rope[layer_type]
+            h_BTD = layer.input_norm(x_BTD)
+            if not config.shares_kv(i):
+                k_BTKH, v_BTKH = layer.attn.keys_values(h_BTD, cos_BTH, sin_BTH)
+                kv = [(k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3))]
+                if cache is not None:
+                    c = len(new_keys)
+                    kv.insert(0, (cache.keys[c], cache.values[c]))
+                    new_keys.append(cache_lib.scatter_BKSH(cache.keys[c], k_BTKH, slots[layer_type]))
+                    new_values.append(cache_lib.scatter_BKSH(cache.values[c], v_BTKH, slots[layer_type]))
+                blocks[i] = kv
+            kv = blocks[config.kv_source(i)]
+            q_BTNH = layer.attn.queries(h_BTD, cos_BTH, sin_BTH)
+            attn_BTNH = attend(q_BTNH, [(k, v, m) for (k, v), m in zip(kv, masks[layer_type], strict=True)])
+            x_BTD = x_BTD + layer.post_attn_norm(layer.attn.output(attn_BTNH))
+            x_BTD = layer.feed_forward(x_BTD, None if ple_BTLG is None else ple_BTLG[:, :, i])
+
+        hidden_BTD = self.final_norm(x_BTD)
+        if cache is not None:
+            cache = dataclasses.replace(
+                cache, keys=tuple(new_keys), values=tuple(new_values), slot_positions=new_slot_positions
+            )
+        drafter_kv = {}
+        for layer_type, layer in config.producer_layers.items():
+            if cache is not None:
+                c = cache_lib.cached_layers(config).index(layer)
+                drafter_kv[layer_type] = LayerKV(cache.keys[c], cache.values[c], cache.slot_positions[layer_type])
+            else:
+                k_BKTH, v_BKTH = blocks[layer][-1]
+                drafter_kv[layer_type] = LayerKV(k_BKTH, v_BKTH, jnp.where(valid_BT, positions_BT, -1))
+        logits = self.logits(hidden_BTD) if return_logits else None
+        return TargetOutput(logits=logits, hidden=hidden_BTD, drafter_kv=drafter_kv), cache
