@@ -39,7 +39,8 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes, strict=True))} needs {int(np.prod(sizes))} "
                          f"devices but {len(devices)} are available; fix config.mesh.")  # fmt: skip
-    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+    # Auto axes: shardings are propagated by XLA (jax 0.10 defaults make_mesh to Explicit axes).
+    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
 def logical_spec(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh) -> PartitionSpec:
@@ -67,7 +68,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     """NamedShardings for every variable of an (abstract) NNX state, from its ``axes`` metadata."""
 
     def one(variable: nnx.Variable) -> NamedSharding:
-        shape = variable[...].shape
+        shape = variable.get_value().shape
         axes = variable.get_metadata().get("axes") or (None,) * len(shape)
         return logical_sharding(shape, axes, mesh)
 

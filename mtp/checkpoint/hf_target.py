@@ -135,8 +135,9 @@ def check_tensors(checkpoint: SafetensorsCheckpoint, layouts: dict[Path, Layout]
         else:
             unexpected.append(key)
     if unexpected:
+        examples = [f"{key} (in {checkpoint.file_of(key).name})" for key in sorted(unexpected)[:5]]
         raise CheckpointError(
-            f"{source}: {len(unexpected)} unexpected tensors, e.g. {sorted(unexpected)[:5]}; the config does not "
+            f"{source}: {len(unexpected)} unexpected tensors, e.g. {examples}; the config does not "
             "describe this checkpoint (or it is not a Gemma 4 text model)."
         )
     if skipped:
@@ -147,6 +148,24 @@ def check_tensors(checkpoint: SafetensorsCheckpoint, layouts: dict[Path, Layout]
             raise CheckpointError(
                 f"{checkpoint.file_of(layout.key)}: tensor {layout.key} has shape "
                 f"{tuple(checkpoint.shape(layout.key))}, expected {layout.hf_shape} from config.json."
+            )
+    check_tied_head(checkpoint, f"{prefix}.embed_tokens.weight")
+
+
+def check_tied_head(checkpoint: SafetensorsCheckpoint, embed_key: str, rows_per_read: int = 4096) -> None:
+    """An ``lm_head.weight`` must equal the embedding: transformers unties (and uses) one that differs."""
+    if "lm_head.weight" not in checkpoint:
+        return
+    head, embed = checkpoint.shape("lm_head.weight"), checkpoint.shape(embed_key)
+    where = f"{checkpoint.file_of('lm_head.weight')}: tensor lm_head.weight"
+    if head != embed:
+        raise CheckpointError(f"{where} has shape {head} but {embed_key} has {embed}; untied heads are not supported.")
+    for start in range(0, embed[0], rows_per_read):  # block by block: never two full tables on the host
+        rows = (slice(start, start + rows_per_read),)
+        if not np.array_equal(checkpoint.read("lm_head.weight", rows), checkpoint.read(embed_key, rows)):
+            raise CheckpointError(
+                f"{where} differs from {embed_key} in rows {start}:{start + rows_per_read}; transformers would "
+                "use it as an untied output layer, which mtp does not support (drop it if it is stale)."
             )
 
 
@@ -190,5 +209,6 @@ def param_shardings(model: nnx.Module, mesh: Mesh | None) -> dict[Path, jax.shar
     out: dict[Path, NamedSharding] = {}
     for path, variable in flat:
         axes = variable.get_metadata()["axes"]
-        out[path] = sharding_lib.logical_sharding(variable[...].shape, axes, mesh)
+        # ``get_value()``, not ``[...]``: the model is abstract here (ShapeDtypeStructs are not subscriptable).
+        out[path] = sharding_lib.logical_sharding(variable.get_value().shape, axes, mesh)
     return out

@@ -37,6 +37,16 @@ class TargetOutput:
     drafter_kv: dict[str, LayerKV]
 
 
+def drafter_kv_from_cache(config: Gemma4Config, cache: KVCache) -> dict[str, LayerKV]:
+    """The cached K/V of the target's producer layers, which the drafter reads."""
+    cached = cache_lib.cached_layers(config)
+    return {
+        layer_type: LayerKV(cache.keys[cached.index(layer)], cache.values[cached.index(layer)],
+                            cache.slot_positions[layer_type])
+        for layer_type, layer in config.producer_layers.items()
+    }  # fmt: skip
+
+
 class DecoderLayer(nnx.Module):
     """Attention, dense MLP (+ experts), per-layer-embedding residual, and the learned layer scalar."""
 
@@ -123,6 +133,7 @@ class Gemma4(nnx.Module):
         positions_BT: Int[Array, "B T"] | None = None,
         segments_BT: Int[Array, "B T"] | None = None,
         return_logits: bool = True,
+        prefill: bool = False,
         dtype: jnp.dtype = jnp.float32,
     ) -> tuple[TargetOutput, KVCache | None]:
         """Runs T new tokens per row.
@@ -130,7 +141,8 @@ class Gemma4(nnx.Module):
         With a cache: the tokens sit at positions ``cache.length + [0, T)``; the first ``num_valid_B`` of each row
         are written to the cache (ragged prefill: right-padded prompts), and the caller commits what it accepts.
         Without a cache: one causal forward over the sequence (``positions_BT`` and ``segments_BT`` for packed
-        documents), returning every token's K/V for the drafter.
+        documents), returning every token's K/V for the drafter. ``prefill=True`` promises an empty cache: the
+        tokens attend only to each other (no work, and nothing for XLA to constant-fold, on the empty cache).
         """
         config = self.config
         batch, length = tokens_BT.shape
@@ -153,7 +165,8 @@ class Gemma4(nnx.Module):
             masks[layer_type] = [chunk_mask(positions_BT, valid_BT, segments_BT, window)]
             if cache is not None:
                 slot_pos_BS = cache.slot_positions[layer_type]
-                masks[layer_type].insert(0, cache_mask(positions_BT, slot_pos_BS, cache.length, window))
+                if not prefill:
+                    masks[layer_type].insert(0, cache_mask(positions_BT, slot_pos_BS, cache.length, window))
                 slots[layer_type] = cache_lib.write_slots(
                     positions_BT, valid_BT, slot_pos_BS.shape[1], ring=layer_type == SLIDING
                 )
@@ -170,7 +183,8 @@ class Gemma4(nnx.Module):
                 kv = [(k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3))]
                 if cache is not None:
                     c = len(new_keys)
-                    kv.insert(0, (cache.keys[c], cache.values[c]))
+                    if not prefill:
+                        kv.insert(0, (cache.keys[c], cache.values[c]))
                     new_keys.append(cache_lib.scatter_BKSH(cache.keys[c], k_BTKH, slots[layer_type]))
                     new_values.append(cache_lib.scatter_BKSH(cache.values[c], v_BTKH, slots[layer_type]))
                 blocks[i] = kv
@@ -185,13 +199,10 @@ class Gemma4(nnx.Module):
             cache = dataclasses.replace(
                 cache, keys=tuple(new_keys), values=tuple(new_values), slot_positions=new_slot_positions
             )
-        drafter_kv = {}
-        for layer_type, layer in config.producer_layers.items():
-            if cache is not None:
-                c = cache_lib.cached_layers(config).index(layer)
-                drafter_kv[layer_type] = LayerKV(cache.keys[c], cache.values[c], cache.slot_positions[layer_type])
-            else:
-                k_BKTH, v_BKTH = blocks[layer][-1]
-                drafter_kv[layer_type] = LayerKV(k_BKTH, v_BKTH, jnp.where(valid_BT, positions_BT, -1))
+        if cache is not None:
+            drafter_kv = drafter_kv_from_cache(config, cache)
+        else:
+            token_positions_BT = jnp.where(valid_BT, positions_BT, -1)
+            drafter_kv = {t: LayerKV(*blocks[i][-1], token_positions_BT) for t, i in config.producer_layers.items()}
         logits = self.logits(hidden_BTD) if return_logits else None
         return TargetOutput(logits=logits, hidden=hidden_BTD, drafter_kv=drafter_kv), cache
