@@ -1,0 +1,17 @@
+"""Speculative (or plain, draft_len=0) decoding: python decode.py --config configs/hf_pair.py [--config.k=v ...]."""
+
+from absl import app
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Decoding config file.", lock_config=True)
+
+
+def main(argv):
+    del argv
+    from mtp.decoding.cli import run_decode
+
+    run_decode(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,151 @@
+"""One jitted generation loop for plain and speculative decoding, entirely inside ``jax.lax.while_loop``.
+
+Each round, the drafter proposes P tokens from the newest token, the target's hidden state that produced it and
+the target's *committed* K/V (never the K/V of rejected drafts: transformers hands its drafter the stale K/V of
+rejected drafts, which changes draft quality from the first partial rejection on). The target then verifies
+the P + 1 positions in one forward; the longest agreeing prefix plus one token of the target's own are kept,
+and the cache advances by exactly that many positions. With P = 0 the same loop is plain decoding.
+Output tokens are the target's exactly: greedy by argmax, sampled by the speculative sampling rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtp.decoding import sampling as sampling_lib
+from mtp.decoding.sampling import Sampling
+from mtp.drafter.draft import draft
+from mtp.target.cache import KVCache
+from mtp.target.model import drafter_kv_from_cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeResult:
+    """Generated tokens and per-round statistics (``R`` rounds at most, one per generated token)."""
+
+    tokens: jax.Array  # [B, max_new_tokens], valid up to num_generated
+    num_generated: jax.Array  # [B]
+    drafts: jax.Array  # [B, R, P] tokens the drafter proposed each round
+    accepted: jax.Array  # [B, R] drafts the target accepted each round
+    produced: jax.Array  # [B, R] tokens each round added (accepted + 1, less at a stop or the limit)
+    active: jax.Array  # [B, R] whether the row took part in the round
+    target_forwards: jax.Array  # [B] target forwards after the prefill
+
+    def acceptance_length(self) -> jax.Array:
+        """τ per row: tokens generated after the prefill ÷ target forwards after the prefill."""
+        return jnp.sum(self.produced, axis=1) / jnp.maximum(self.target_forwards, 1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _State:
+    cache: KVCache
+    last_token: jax.Array
+    hidden: jax.Array
+    result: DecodeResult
+    done: jax.Array
+    rng: jax.Array
+    round: jax.Array
+
+
+def _append(buffer_BN: jax.Array, new_BT: jax.Array, start_B: jax.Array, count_B: jax.Array) -> jax.Array:
+    """Writes the first ``count`` entries of each row of ``new`` at that row's ``start``."""
+    index_T = jnp.arange(new_BT.shape[1])
+    slots_BT = jnp.where(index_T < count_B[:, None], start_B[:, None] + index_T, buffer_BN.shape[1])
+    rows_BT = jnp.broadcast_to(jnp.arange(new_BT.shape[0])[:, None], new_BT.shape)
+    return buffer_BN.at[rows_BT, slots_BT].set(new_BT, mode="drop")
+
+
+def _pick(logits_BV: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array:
+    if sampling.greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    probs = sampling_lib.target_probs(logits_BV[:, None], sampling)[:, 0]
+    return jax.random.categorical(rng, jnp.log(probs), axis=-1).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("target_graph", "drafter_graph", "draft_len", "max_new_tokens", "sampling", "stop_tokens")
+)
+def _generate(target_graph, target_state, drafter_graph, drafter_state, prompts_BL, lengths_B, rng, *, draft_len: int,
+              max_new_tokens: int, sampling: Sampling, stop_tokens: tuple[int, ...]) -> DecodeResult:  # fmt: skip
+    target = nnx.merge(target_graph, target_state)
+    drafter = nnx.merge(drafter_graph, drafter_state) if draft_len else None
+    batch, prompt_len = prompts_BL.shape
+    rows = jnp.arange(batch)
+    cache = KVCache.init(
+        target.config, batch, prompt_len + max_new_tokens + draft_len + 1, max_chunk=draft_len + 1,
+        dtype=jax.tree.leaves(target_state)[0].dtype,
+    )  # fmt: skip
+    out, cache = target(prompts_BL, cache, num_valid_B=lengths_B, return_logits=False, prefill=True)
+    cache = cache.commit(lengths_B)
+    hidden_BD = out.hidden[rows, lengths_B - 1]
+    rng, first_rng = jax.random.split(rng)
+    first_B = _pick(target.logits(hidden_BD[:, None])[:, 0], sampling, first_rng)
+    stop = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+    rounds = max_new_tokens
+    result = DecodeResult(
+        tokens=jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first_B),
+        num_generated=jnp.ones((batch,), jnp.int32),
+        drafts=jnp.zeros((batch, rounds, draft_len), jnp.int32),
+        accepted=jnp.zeros((batch, rounds), jnp.int32),
+        produced=jnp.zeros((batch, rounds), jnp.int32),
+        active=jnp.zeros((batch, rounds), bool),
+        target_forwards=jnp.zeros((batch,), jnp.int32),
+    )
+    done = jnp.isin(first_B, stop) | (max_new_tokens <= 1)
+    state = _State(cache, first_B, hidden_BD, result, done, rng, jnp.zeros((), jnp.int32))
+
+    def body(s: _State) -> _State:
+        rng, draft_rng, verify_rng = jax.random.split(s.rng, 3)
+        position_B = s.cache.length
+        if draft_len:
+            proposal = draft(
+                drafter, target, s.last_token, s.hidden, position_B, drafter_kv_from_cache(target.config, s.cache),
+                num_tokens=draft_len, temperature=sampling.temperature, rng=draft_rng,
+            )  # fmt: skip
+            drafts_BP = proposal.tokens_BP
+        else:
+            drafts_BP = jnp.zeros((batch, 0), jnp.int32)
+        chunk_BT = jnp.concatenate([s.last_token[:, None], drafts_BP], axis=1)
+        out, cache = target(chunk_BT, s.cache)
+        if sampling.greedy:
+            accepted_B, tokens_BT = sampling_lib.verify_greedy(out.logits, drafts_BP)
+        else:
+            p_BTV = sampling_lib.target_probs(out.logits, sampling)
+            q_BPV = sampling_lib.draft_probs(proposal.logits_BPV, sampling.temperature) if draft_len else p_BTV[:, :0]
+            accepted_B, tokens_BT = sampling_lib.verify_sampled(p_BTV, q_BPV, drafts_BP, verify_rng)
+        count_B = accepted_B + 1
+        is_stop_BT = jnp.isin(tokens_BT, stop) & (jnp.arange(draft_len + 1) < count_B[:, None])
+        hit_stop_B = jnp.any(is_stop_BT, axis=1)
+        count_B = jnp.where(hit_stop_B, jnp.argmax(is_stop_BT, axis=1) + 1, count_B)
+        r = s.result
+        count_B = jnp.where(s.done, 0, jnp.minimum(count_B, max_new_tokens - r.num_generated))
+        active_B = ~s.done
+        result = DecodeResult(
+            tokens=_append(r.tokens, tokens_BT, r.num_generated, count_B),
+            num_generated=r.num_generated + count_B,
+            drafts=r.drafts.at[:, s.round].set(jnp.where(active_B[:, None], drafts_BP, 0)),
+            accepted=r.accepted.at[:, s.round].set(jnp.where(active_B, accepted_B, 0)),
+            produced=r.produced.at[:, s.round].set(count_B),
+            active=r.active.at[:, s.round].set(active_B),
+            target_forwards=r.target_forwards + active_B,
+        )
+        done = s.done | hit_stop_B | (result.num_generated >= max_new_tokens)
+        return _State(
+            cache=cache.commit(jnp.where(s.done, 0, accepted_B + 1)),
+            last_token=jnp.where(s.done, s.last_token, tokens_BT[rows, accepted_B]),
+            hidden=jnp.where(s.done[:, None], s.hidden, out.hidden[rows, accepted_B]),
+            result=result,
+            done=done,
+            rng=rng,
+            round=s.round + 1,
+        )
+
+    final = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.round < rounds), body, state)
+    return final.result

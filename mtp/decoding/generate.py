@@ -1,0 +1,125 @@
+"""Host-side entry to the decode engine: validates inputs before any work, batches ragged prompts, times runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mtp.decoding.engine import DecodeResult, _generate
+from mtp.decoding.sampling import Sampling
+from mtp.target.model import Gemma4
+
+GEMMA4_STOP_TOKENS = (1, 106)
+GREEDY = Sampling()  # EOS ends text; <end_of_turn> (106) ends a chat turn.
+
+
+class DecodeInputError(ValueError):
+    """Bad decoding input, reported before any work starts."""
+
+
+@dataclasses.dataclass
+class Generation:
+    """One prompt's output and its per-round statistics."""
+
+    token_ids: list[int]
+    drafted_per_round: list[list[int]]
+    accepted_per_round: list[int]
+    produced_per_round: list[int]
+    target_forwards: int
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def check_inputs(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Sequence[int]], *, draft_len: int,
+                 max_new_tokens: int, max_cache_len: int | None) -> None:  # fmt: skip
+    """Every reason a request cannot run, as a clear error, before compiling anything."""
+    vocab = target.config.vocab_size
+    if max_new_tokens < 1:
+        raise DecodeInputError(f"max_new_tokens={max_new_tokens}; it must be at least 1.")
+    if draft_len < 0:
+        raise DecodeInputError(f"draft_len={draft_len}; use 0 for plain decoding or a positive draft length.")
+    if draft_len:
+        if drafter is None:
+            raise DecodeInputError(f"draft_len={draft_len} needs a drafter; pass one or set draft_len=0.")
+        if draft_len > drafter.config.max_draft_len:
+            raise DecodeInputError(
+                f"draft_len={draft_len} is above the drafter's max_draft_len={drafter.config.max_draft_len}."
+            )
+        drafter.config.validate_against(target.config)
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise DecodeInputError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS=2).")
+        bad = [t for t in prompt if not 0 <= int(t) < vocab]
+        if bad:
+            raise DecodeInputError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}.")
+        needed = len(prompt) + max_new_tokens + draft_len + 1
+        if max_cache_len is not None and needed > max_cache_len:
+            raise DecodeInputError(
+                f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} and draft_len={draft_len} "
+                f"it needs a cache of {needed} > max_cache_len={max_cache_len}. Shorten it or raise max_cache_len."
+            )
+
+
+def generate(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Sequence[int]], *, draft_len: int = 0,
+             max_new_tokens: int = 64, sampling: Sampling = GREEDY, stop_tokens: Sequence[int] = GEMMA4_STOP_TOKENS,
+             seed: int = 0, max_cache_len: int | None = None,
+             pad_multiple: int = 16) -> tuple[list[Generation], DecodeResult]:  # fmt: skip
+    """Decodes one batch of ragged prompts (right-padded to a multiple of ``pad_multiple`` to reuse compilations)."""
+    check_inputs(target, drafter, prompts, draft_len=draft_len, max_new_tokens=max_new_tokens,
+                 max_cache_len=max_cache_len)  # fmt: skip
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    padded = np.zeros((len(prompts), _round_up(int(lengths.max()), pad_multiple)), np.int32)
+    for row, prompt in enumerate(prompts):
+        padded[row, : len(prompt)] = prompt
+    target_graph, target_state = nnx.split(target)
+    drafter_graph, drafter_state = nnx.split(drafter) if draft_len else (None, None)
+    result = _generate(
+        target_graph, target_state, drafter_graph, drafter_state, padded, lengths, jax.random.key(seed),
+        draft_len=draft_len, max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=tuple(stop_tokens),
+    )  # fmt: skip
+    result = jax.device_get(result)
+    outputs = []
+    for row in range(len(prompts)):
+        active = np.asarray(result.active[row])
+        outputs.append(
+            Generation(
+                token_ids=result.tokens[row, : result.num_generated[row]].tolist(),
+                drafted_per_round=result.drafts[row][active].tolist(),
+                accepted_per_round=result.accepted[row][active].tolist(),
+                produced_per_round=result.produced[row][active].tolist(),
+                target_forwards=int(result.target_forwards[row]),
+            )
+        )
+    return outputs, result
+
+
+def summarize(outputs: Sequence[Generation], draft_len: int, wall_seconds: float) -> dict:
+    """τ (tokens after the prefill ÷ target forwards after it), per-position acceptance, throughput."""
+    produced = sum(sum(o.produced_per_round) for o in outputs)
+    forwards = sum(o.target_forwards for o in outputs)
+    rounds = [n for o in outputs for n in o.accepted_per_round]
+    per_position = [float(np.mean([n >= i for n in rounds])) if rounds else 0.0 for i in range(1, draft_len + 1)]
+    total_tokens = sum(len(o.token_ids) for o in outputs)
+    return {
+        "acceptance_length": produced / forwards if forwards else 1.0,
+        "per_position_acceptance": per_position,
+        "tokens_generated": total_tokens,
+        "target_forwards": forwards,
+        "tokens_per_second": total_tokens / wall_seconds if wall_seconds > 0 else 0.0,
+        "wall_seconds": wall_seconds,
+    }
+
+
+def timed_generate(*args, **kwargs) -> tuple[list[Generation], float]:
+    """``generate`` after one warm-up call with the same shapes, so the time excludes compilation."""
+    generate(*args, **kwargs)
+    start = time.perf_counter()
+    outputs, _ = generate(*args, **kwargs)
+    return outputs, time.perf_counter() - start

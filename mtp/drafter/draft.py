@@ -1,0 +1,69 @@
+"""Drafting: k drafter steps from the target's outputs for the last committed token, batched and jittable."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from mtp.drafter.model import Drafter
+from mtp.target.model import Gemma4, LayerKV
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Draft:
+    """The drafted tokens ``[B, P]`` and the drafter's raw logits ``[B, P, V]`` at each step."""
+
+    tokens_BP: jax.Array
+    logits_BPV: jax.Array
+
+
+def draft(
+    drafter: Drafter,
+    target: Gemma4,
+    token_B: Int[Array, " B"],
+    hidden_BD: Float[Array, "B U"],
+    position_B: Int[Array, " B"],
+    target_kv: dict[str, LayerKV],
+    *,
+    num_tokens: int,
+    temperature: float = 0.0,
+    rng: jax.Array | None = None,
+    dtype: jnp.dtype = jnp.float32,
+) -> Draft:
+    """``num_tokens`` (static) draft steps in a ``lax.scan``, all at the constant query ``position_B``.
+
+    ``token_B`` is the newest token (at ``position_B``, not yet seen by the target), ``hidden_BD`` the target's
+    last hidden state at the position before it, ``target_kv`` its K/V (the drafter sees slots < position).
+    Step j feeds ``(target.embed_tokens(tok_j), h_j)``; ``tok_{j+1}`` is the argmax (temperature 0) or a sample
+    of ``softmax(logits / temperature)``; ``h_{j+1}`` is the step's projected state. The logits are raw (no
+    temperature): the decode loop turns them into the proposal distribution.
+    """
+    max_len = drafter.config.max_draft_len
+    if not 1 <= num_tokens <= max_len:
+        raise ValueError(f"num_tokens={num_tokens} must be in [1, max_draft_len={max_len}] (DrafterConfig).")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy).")
+    sampling = temperature > 0
+    if sampling and rng is None:
+        raise ValueError(f"temperature={temperature} samples the draft tokens: pass a PRNG key as rng.")
+    positions_B1 = position_B[:, None].astype(jnp.int32)
+
+    def step(carry, key):
+        token_B, hidden_BU = carry
+        out = drafter(target.embed_tokens(token_B[:, None]), hidden_BU[:, None], positions_B1, target_kv, dtype=dtype)
+        logits_BV = out.logits_BTV[:, 0]
+        if sampling:
+            next_B = jax.random.categorical(key, logits_BV.astype(jnp.float32) / temperature, axis=-1)
+        else:
+            next_B = jnp.argmax(logits_BV, axis=-1)
+        next_B = next_B.astype(jnp.int32)
+        return (next_B, out.projected_BTD[:, 0]), (next_B, logits_BV)
+
+    keys = jax.random.split(rng, num_tokens) if sampling else None
+    carry = (token_B.astype(jnp.int32), hidden_BD.astype(dtype))
+    _, (tokens_PB, logits_PBV) = jax.lax.scan(step, carry, keys, length=num_tokens)
+    return Draft(tokens_BP=tokens_PB.T, logits_BPV=jnp.swapaxes(logits_PBV, 0, 1))

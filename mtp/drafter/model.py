@@ -1,0 +1,180 @@
+"""The Gemma 4 MTP drafter (HF ``Gemma4AssistantForCausalLM``) in Flax NNX: query-only layers over the target's K/V.
+
+Letters beyond the package's: U the target's (backbone) width, I = 2U the pre-projection's input, J the chosen
+centroid clusters, R the tokens per cluster (V / C), M the tokens of the chosen clusters (J * R).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from mtp.drafter.config import DrafterConfig
+from mtp.target.attention import attend
+from mtp.target.config import SLIDING
+from mtp.target.layers import RMSNorm, param, rope_inv_freq, rope_tables
+from mtp.target.model import DecoderLayer, LayerKV
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DrafterOutput:
+    """Logits ``[B, T, V]`` (never soft-capped) and the projected state ``[B, T, U]`` fed to the next step."""
+
+    logits_BTV: jax.Array
+    projected_BTD: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DrafterFeatures:
+    """The final-normed state ``[B, T, D]`` (the head's input) and the projected state ``[B, T, U]``."""
+
+    normed: jax.Array
+    projected: jax.Array
+
+
+class TokenOrdering(nnx.Variable):
+    """Canonical token id of each slot of the cluster-ordered vocabulary: loaded, never trained by gradient."""
+
+
+def target_kv_mask(positions_BT: Int[Array, "B T"], slot_positions_BS: Int[Array, "B S"], window: int | None,
+                   segments_BT: jax.Array | None = None,
+                   key_segments_BS: jax.Array | None = None) -> Bool[Array, "B T S"]:  # fmt: skip
+    """Which target K/V slots a query at position p sees: committed slots 0 <= s < p, same segment, and on
+    sliding layers p - s <= W + 1, i.e. the last W + 1 entries, as transformers' assistant does (its
+    bidirectional window mask |q - k| <= W on the flipped K/V); the target itself sees W tokens, itself included.
+    """
+    q_pos, k_pos = positions_BT[:, :, None], slot_positions_BS[:, None, :]
+    mask = (k_pos >= 0) & (k_pos < q_pos)
+    if window is not None:
+        mask &= q_pos - k_pos <= window + 1
+    if segments_BT is not None:
+        mask &= segments_BT[:, :, None] == key_segments_BS[:, None, :]
+    return mask
+
+
+class Drafter(nnx.Module):
+    """pre_projection -> query-only decoder layers over the target's K/V -> final norm -> (logits, projection)."""
+
+    def __init__(self, config: DrafterConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        width, backbone = config.hidden_size, config.backbone_hidden_size
+        self.pre_projection = param(rngs, (2 * backbone, width), ("embed", "embed"))
+        self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_layers)])
+        self.final_norm = RMSNorm(width, config.rms_norm_eps, axis_name="embed")
+        self.post_projection = param(rngs, (width, backbone), ("embed", "embed"))
+        # Tied with the head: unit-scale rows give O(1) logits from the unit-RMS final state.
+        self.embed = param(rngs, (config.vocab_size, width), ("vocab", "embed"), scale=width**-0.5)
+        self.centroids = nnx.data(None)
+        self.token_ordering = nnx.data(None)
+        if config.use_ordered_embeddings:
+            self.centroids = param(rngs, (width, config.num_centroids), ("embed", None))
+            self.token_ordering = TokenOrdering(jnp.arange(config.vocab_size, dtype=jnp.int32), axes=(None,))
+
+    def __call__(
+        self,
+        token_embed_BTD: Float[Array, "B T U"],
+        hidden_BTD: Float[Array, "B T U"],
+        positions_BT: Int[Array, "B T"],
+        target_kv: dict[str, LayerKV],
+        *,
+        segments_BT: Int[Array, "B T"] | None = None,
+        key_segments_BS: Int[Array, "B S"] | None = None,
+        dtype: jnp.dtype = jnp.float32,
+    ) -> DrafterOutput:
+        """One drafter forward for T queries (T=1 when decoding, a whole sequence when training).
+
+        ``features`` and a head in one call; see ``features`` for the inputs.
+        """
+        out = self.features(token_embed_BTD, hidden_BTD, positions_BT, target_kv, segments_BT=segments_BT,
+                            key_segments_BS=key_segments_BS, dtype=dtype)  # fmt: skip
+        return DrafterOutput(logits_BTV=self.logits(out.normed), projected_BTD=out.projected)
+
+    def features(
+        self,
+        token_embed_BTD: Float[Array, "B T U"],
+        hidden_BTD: Float[Array, "B T U"],
+        positions_BT: Int[Array, "B T"],
+        target_kv: dict[str, LayerKV],
+        *,
+        segments_BT: Int[Array, "B T"] | None = None,
+        key_segments_BS: Int[Array, "B S"] | None = None,
+        dtype: jnp.dtype = jnp.float32,
+    ) -> DrafterFeatures:
+        """Everything up to the head (training runs the vocabulary projection itself, in chunks).
+
+        ``token_embed`` is the target's scaled embedding of each input token, ``hidden`` the target's last hidden
+        state (or the previous draft step's projection), ``positions`` the query positions (RoPE on queries only,
+        constant over the draft steps). ``target_kv`` holds the K/V of the target's producer layers; see
+        ``target_kv_mask`` for what each query sees. With ``segments`` (packed sequences) a query sees only K/V
+        slots of its own segment (``key_segments``). A query that sees no slot gets a zero attention output.
+        """
+        config = self.config
+        if (segments_BT is None) != (key_segments_BS is None):
+            raise ValueError("Pass both segments_BT and key_segments_BS (packed sequences) or neither.")
+        x_BTI = jnp.concatenate([token_embed_BTD, hidden_BTD], axis=-1).astype(dtype)
+        x_BTD = jnp.einsum("BTI,ID->BTD", x_BTI, self.pre_projection[...].astype(dtype))
+        rope, blocks, visible = {}, {}, {}
+        for layer_type in config.attention_types:
+            kv = target_kv[layer_type]
+            head_dim, kv_heads = config.head_dim_of(layer_type), config.kv_heads(layer_type)
+            if kv.keys.shape[1] != kv_heads or kv.keys.shape[3] != head_dim or kv.values.shape != kv.keys.shape:
+                raise ValueError(
+                    f"{layer_type} target K/V has keys {kv.keys.shape} and values {kv.values.shape}; the drafter "
+                    f"expects [B, {kv_heads}, S, {head_dim}]."
+                )
+            rope[layer_type] = rope_tables(positions_BT, rope_inv_freq(head_dim, config.rope(layer_type)), dtype)
+            window = config.sliding_window if layer_type == SLIDING else None
+            mask_BTS = target_kv_mask(positions_BT, kv.positions, window, segments_BT, key_segments_BS)
+            blocks[layer_type] = (kv.keys, kv.values, mask_BTS)
+            visible[layer_type] = jnp.any(mask_BTS, axis=-1)[:, :, None, None]
+
+        for i, layer in enumerate(self.layers):
+            layer_type = config.layer_types[i]
+            h_BTD = layer.input_norm(x_BTD)
+            q_BTNH = layer.attn.queries(h_BTD, *rope[layer_type])
+            attn_BTNH = jnp.where(visible[layer_type], attend(q_BTNH, [blocks[layer_type]]), 0)
+            x_BTD = x_BTD + layer.post_attn_norm(layer.attn.output(attn_BTNH))
+            x_BTD = layer.feed_forward(x_BTD, None)
+
+        h_BTD = self.final_norm(x_BTD)
+        projected_BTU = jnp.einsum("BTD,DU->BTU", h_BTD, self.post_projection[...].astype(dtype))
+        return DrafterFeatures(normed=h_BTD, projected=projected_BTU)
+
+    def logits(self, h_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        """The drafting head: the tied head, or the centroid-masked head when ``use_ordered_embeddings``."""
+        if self.centroids is None:
+            return self.full_logits(h_BTD)
+        return self.masked_logits(h_BTD, self.embed[...].astype(h_BTD.dtype))
+
+    def full_logits(self, h_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        """The tied head over the whole vocabulary (the masked head keeps these scores for its chosen tokens)."""
+        return jnp.einsum("BTD,VD->BTV", h_BTD, self.embed[...].astype(h_BTD.dtype))
+
+    def centroid_scores(self, h_BTD: Float[Array, "B T D"]) -> Float[Array, "B T C"]:
+        return jnp.einsum("BTD,DC->BTC", h_BTD, self.centroids[...].astype(h_BTD.dtype))
+
+    def masked_logits(self, h_BTD: jax.Array, embed_VD: jax.Array) -> jax.Array:
+        """Scores of the tokens of the top-J centroid clusters; every other token gets (row's lowest score - 1).
+
+        transformers fills with the batch-global lowest score - 1; the per-row fill keeps rows independent (and
+        equals transformers' for one query). Only the drafter's logits change: the table stays in token order.
+        The top-k choice carries no gradient, so the centroids learn only from a loss of their own; the gather is
+        M x D per query, cheap when decoding but large for long training sequences.
+        """
+        config = self.config
+        batch, length, _ = h_BTD.shape
+        _, top_BTJ = jax.lax.top_k(self.centroid_scores(h_BTD), config.centroid_intermediate_top_k)
+        ordering_CR = self.token_ordering[...].reshape(config.num_centroids, -1)
+        ids_BTM = ordering_CR[top_BTJ].reshape(batch, length, -1)
+        selected_BTM = jnp.einsum("BTD,BTMD->BTM", h_BTD, embed_VD[ids_BTM])
+        fill_BT1 = jnp.min(selected_BTM, axis=-1, keepdims=True) - 1
+        logits_BTV = jnp.broadcast_to(fill_BT1, (batch, length, config.vocab_size))
+        b_BTM = jnp.arange(batch)[:, None, None]
+        t_BTM = jnp.arange(length)[None, :, None]
+        return logits_BTV.at[b_BTM, t_BTM, ids_BTM].set(selected_BTM)
