@@ -36,9 +36,11 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
     if -1 in sizes:
         known = int(np.prod([s for s in sizes if s != -1]))
         sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes, strict=True))} needs {int(np.prod(sizes))} "
-                         f"devices but {len(devices)} are available; fix config.mesh.")  # fmt: skip
+    needed = int(np.prod(sizes))
+    if needed > len(devices) or len(devices) % needed:
+        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes, strict=True))} needs {needed} devices but "
+                         f"{len(devices)} are available; fix config.mesh.")  # fmt: skip
+    devices = devices[:needed]  # a smaller mesh than the machine (e.g. a 1-device debug run) uses the first devices
     # Auto axes: shardings are propagated by XLA (jax 0.10 defaults make_mesh to Explicit axes).
     return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 

@@ -1,0 +1,102 @@
+"""Orbax checkpoints of the train state and the data iterator; resume picks the newest one that restores."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from mtp.training.state import TrainState
+
+log = logging.getLogger(__name__)
+
+# Config keys that may change between runs in one workdir (they do not change what is being trained).
+RESUMABLE_KEYS = ("num_train_steps", "log_every_steps", "eval_every_steps", "eval_batches", "checkpoint_every_steps",
+                  "keep_checkpoints", "mesh", "wandb", "data.num_workers")  # fmt: skip
+
+
+class WorkdirError(RuntimeError):
+    """The workdir belongs to another experiment."""
+
+
+def _flat(tree) -> dict:
+    """Leaves by readable path ("params/layers/0/attn/q"), so checkpoints do not depend on container types."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in leaves}
+
+
+def _unflat(template, flat: dict):
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    return jax.tree.unflatten(treedef, [flat[jax.tree_util.keystr(p, simple=True, separator="/")] for p, _ in paths])
+
+
+def _identity(config: ml_collections.ConfigDict) -> dict:
+    identity = config.to_dict()
+    for key in RESUMABLE_KEYS:
+        node = identity
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node.pop(leaf, None)
+    return identity
+
+
+def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    """Saves config.json in a new workdir; in a used one, refuses a config that trains something else."""
+    path = workdir / "config.json"
+    mine = json.loads(json.dumps(_identity(config), default=list))
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        theirs = json.loads(json.dumps(_identity(ml_collections.ConfigDict(theirs)), default=list))
+        if theirs != mine:
+            diffs = sorted(_differences(theirs, mine))
+            raise WorkdirError(
+                f"{workdir} holds a checkpoint of a different experiment (differs in {diffs[:8]}); use a new "
+                "--workdir, or the original config to resume it. Nothing was changed."
+            )
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config.to_dict(), indent=1, default=list))
+
+
+def _differences(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in set(a) | set(b):
+            yield from _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+class Checkpointer:
+    """Keeps the last ``keep`` checkpoints of (train state, data iterator state) under ``workdir/checkpoints``."""
+
+    def __init__(self, workdir: pathlib.Path, keep: int):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.manager = ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options)
+
+    def save(self, step: int, state: TrainState, data_state: dict) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(_flat(state)), data=ocp.args.JsonSave(data_state))
+        self.manager.save(step, args=args)
+
+    def restore_latest(self, abstract: TrainState) -> tuple[TrainState, dict] | None:
+        """The newest checkpoint that restores; a corrupt or partial one is skipped with a warning."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                args = ocp.args.Composite(state=ocp.args.StandardRestore(_flat(abstract)), data=ocp.args.JsonRestore())
+                restored = self.manager.restore(step, args=args)
+                return _unflat(abstract, restored["state"]), restored["data"]
+            except Exception as e:  # any failure to read means this checkpoint is unusable
+                log.warning("Checkpoint at step %d could not be restored (%s: %s); trying an older one.", step,
+                            type(e).__name__, str(e)[:200])  # fmt: skip
+        return None
+
+    @property
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

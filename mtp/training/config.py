@@ -1,0 +1,71 @@
+"""The keys every training config has; ``configs/*.py`` start from ``base_config()`` and change what they need."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mtp.training.loss import LossConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_train_steps = 1000
+    c.batch_size = 8
+    c.seq_len = 512
+    c.log_every_steps = 10
+    c.eval_every_steps = 200
+    c.eval_batches = 4
+    c.checkpoint_every_steps = 200
+    c.keep_checkpoints = 3
+    c.compute_dtype = "float32"  # "bfloat16" for bf16 compute (params and optimizer state stay float32)
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+
+    # The frozen target: a Hugging Face Gemma 4 directory, or (embedded_tiny) the tiny LM trained on the
+    # embedded corpus the first time it is needed.
+    c.target = ml_collections.ConfigDict({"hf_path": "", "embedded_tiny": False, "dtype": "float32"})
+    c.drafter = ml_collections.ConfigDict(
+        {
+            "init_from": "",  # a gemma4_assistant directory to start from (e.g. Google's official drafter)
+            "num_layers": 4,
+            "hidden_size": 256,
+            "num_heads": 4,
+            "intermediate_size": 1024,
+            "max_draft_len": 8,
+            "use_ordered_embeddings": False,
+            "num_centroids": 2048,
+            "centroid_intermediate_top_k": 32,
+            "init_embed_from_target": True,
+        }
+    )
+    c.data = ml_collections.ConfigDict(
+        {
+            "train_files": "",  # comma-separated paths / globs (.jsonl, .parquet, .txt) or a hub data set name
+            "eval_files": "",
+            "tokenizer": "",  # defaults to the target directory's tokenizer.json
+            "embedded": False,  # the corpus made from this machine's Python standard library
+            "num_workers": 0,
+            "self_distill": ml_collections.ConfigDict(
+                {"enabled": False, "temperature": 0.0, "max_new_tokens": 256, "batch_size": 16, "max_prompts": 0}
+            ),
+        }
+    )
+    c.loss = ml_collections.ConfigDict(
+        {"depth": 4, "divergence": "kl", "depth_decay": 0.8, "chunk_size": 256, "centroid_weight": 1.0}
+    )
+    c.optimizer = ml_collections.ConfigDict(
+        {"learning_rate": 1e-3, "warmup_steps": 100, "weight_decay": 0.01, "grad_clip": 1.0, "b1": 0.9,
+         "b2": 0.95, "end_learning_rate_fraction": 0.1}
+    )  # fmt: skip
+    c.wandb = ml_collections.ConfigDict({"mode": "offline", "project": "", "group": "", "name": "", "tags": ()})
+    return c
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Locks the config: an unknown ``--config.key`` then fails, naming the closest existing keys."""
+    config.lock()
+    return config
+
+
+def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
+    return LossConfig(**config.loss.to_dict())

@@ -1,0 +1,142 @@
+"""The distillation loss: the drafter unrolled K depths against a frozen target, exactly as at inference.
+
+Anchor p (every position at once): the target has processed x_0..x_{p-1}; the newest token x_p is not yet in its
+cache. Depth 0 reads (embed(x_p), h_{p-1}) at position p and attends to target K/V at positions < p; depth j reads
+(embed(x_{p+j}), the drafter's own projected state from depth j-1) at the same position p and predicts x_{p+j+1},
+whose teacher distribution is the target's at position p+j. The vocabulary projection runs in sequence chunks
+under remat, so [B, T, V] logits never exist for all depths at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtp.target.model import Gemma4, TargetOutput
+from mtp.training.centroids import centroid_loss
+
+DIVERGENCES = ("kl", "tv")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    depth: int = 4
+    divergence: str = "kl"
+    depth_decay: float = 0.8
+    chunk_size: int = 128
+    centroid_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"loss.divergence={self.divergence!r}; choose one of {DIVERGENCES}.")
+        if self.depth < 1:
+            raise ValueError(f"loss.depth={self.depth}; train at least one draft depth.")
+
+
+def shift(x_BT: jax.Array, offset: int, fill=0) -> jax.Array:
+    """``y[:, t] = x[:, t + offset]`` (positive: look ahead; negative: look back), padded with ``fill``."""
+    if offset == 0:
+        return x_BT
+    pad = jnp.full((x_BT.shape[0], abs(offset), *x_BT.shape[2:]), fill, x_BT.dtype)
+    if offset > 0:
+        return jnp.concatenate([x_BT[:, offset:], pad], axis=1)
+    return jnp.concatenate([pad, x_BT[:, :offset]], axis=1)
+
+
+def frozen_target(target: Gemma4, batch: dict, dtype: jnp.dtype) -> TargetOutput:
+    """The target's hidden states and drafter-facing K/V for the whole packed sequence; never differentiated."""
+    out, _ = target(
+        batch["tokens"], positions_BT=batch["positions"], segments_BT=batch["segment_ids"], return_logits=False,
+        dtype=dtype,
+    )  # fmt: skip
+    return jax.lax.stop_gradient(out)
+
+
+def divergence(teacher_logits: jax.Array, student_logits: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
+    """Per-position loss and whether the argmaxes agree (the expected greedy acceptance)."""
+    p = jax.nn.softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    if kind == "kl":
+        log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+        loss = jnp.sum(p * (log_p - log_q), axis=-1)
+    else:  # total variation: 1 - Σ min(p, q) is the probability a sampled draft is rejected
+        loss = 1.0 - jnp.sum(jnp.minimum(p, jnp.exp(log_q)), axis=-1)
+    agree = jnp.argmax(teacher_logits, axis=-1) == jnp.argmax(student_logits, axis=-1)
+    return loss, agree
+
+
+def centroid_head_loss(drafter: nnx.Module, h_BTD: jax.Array, teacher_BTV: jax.Array, mask_BT: jax.Array):
+    """Σ centroid loss and Σ coverage of the target's argmax (a plain head: nothing to learn, all covered)."""
+    if drafter.centroids is None:
+        return jnp.zeros((), jnp.float32), jnp.sum(mask_BT.astype(jnp.float32))
+    top_k = drafter.config.centroid_intermediate_top_k
+    return centroid_loss(drafter.centroid_scores(h_BTD), teacher_BTV, drafter.token_ordering[...], top_k, mask_BT)
+
+
+def chunked_depth_loss(target: Gemma4, drafter: nnx.Module, teacher_h_BTD, student_h_BTE, mask_BT, config: LossConfig):
+    """Σ loss, Σ agreement, Σ centroid coverage over valid positions, the vocab projection chunk by chunk."""
+    batch, length = mask_BT.shape
+    chunk = min(config.chunk_size, length)
+    pad = (-length) % chunk
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(batch, -1, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(carry, xs):
+        teacher_h, student_h, mask = xs
+        teacher = target.logits(teacher_h)
+        loss, agree = divergence(teacher, drafter.full_logits(student_h), config.divergence)
+        extra = centroid_head_loss(drafter, student_h, teacher, mask)
+        mask = mask.astype(jnp.float32)
+        sums = (jnp.sum(loss * mask), jnp.sum(agree * mask), extra[0], extra[1])
+        return jax.tree.map(jnp.add, carry, sums), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(one, (zero, zero, zero, zero), (split(teacher_h_BTD), split(student_h_BTE), split(mask_BT)))
+    return sums
+
+
+def distill_loss(drafter: nnx.Module, target: Gemma4, target_out: TargetOutput, batch: dict, config: LossConfig,
+                 dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, dict]:  # fmt: skip
+    """Weighted loss over depths and metrics: per-depth top-1 agreement, loss, and centroid coverage."""
+    tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
+    loss_mask = batch["loss_mask"].astype(bool)
+    hidden_prev = shift(target_out.hidden, -1)  # h_{p-1}: the state that produced x_p
+    anchor_ok = (positions > 0) & (segments > 0)  # depth 0 needs a previous position in the same document
+    state_BTD = hidden_prev
+    total, metrics = 0.0, {"loss_per_depth": [], "top1_agreement": [], "centroid_coverage": []}
+    weight_sum = 0.0
+    for depth in range(config.depth):
+        token_BT = shift(tokens, depth)
+        same_doc = shift(segments, depth) == segments
+        # Predicting x_{p+depth+1}: it must exist in this document and be a trained (model-turn) token.
+        valid = anchor_ok & same_doc & (shift(segments, depth + 1) == segments) & shift(loss_mask, depth + 1, False)
+        embed_BTD = target.embed_tokens(token_BT).astype(dtype)
+        out = drafter.features(embed_BTD, state_BTD, positions, target_out.drafter_kv, segments_BT=segments,
+                               key_segments_BS=segments, dtype=dtype)  # fmt: skip
+        teacher_h = shift(target_out.hidden, depth)
+        loss_sum, agree_sum, aux_sum, cover_sum = chunked_depth_loss(
+            target, drafter, teacher_h, out.normed, valid, config
+        )
+        count = jnp.maximum(jnp.sum(valid), 1)
+        weight = config.depth_decay**depth
+        total = total + weight * (loss_sum + config.centroid_weight * aux_sum) / count
+        weight_sum += weight
+        metrics["loss_per_depth"].append(loss_sum / count)
+        metrics["top1_agreement"].append(agree_sum / count)
+        metrics["centroid_coverage"].append(cover_sum / count)
+        state_BTD = out.projected
+    metrics = {k: jnp.stack(v) for k, v in metrics.items()}
+    return total / weight_sum, metrics
+
+
+def simulated_acceptance_length(top1_agreement: jax.Array) -> jax.Array:
+    """Expected τ under greedy verification if depth j is accepted with its top-1 agreement rate:
+    1 + Σ_j Π_{i<=j} a_i (the agreements are conditional on the earlier depths being right by construction:
+    depth j is trained on the true prefix)."""
+    return 1.0 + jnp.sum(jnp.cumprod(top1_agreement))

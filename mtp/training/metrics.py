@@ -1,0 +1,89 @@
+"""Metrics to ``workdir/metrics.jsonl``, to Weights & Biases (offline unless a project is named) and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import secrets
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+
+def to_python(metrics: dict) -> dict:
+    """Device arrays to JSON-able floats and lists."""
+    out = {}
+    for key, value in jax.device_get(metrics).items():
+        value = np.asarray(value)
+        out[key] = value.tolist() if value.ndim else float(value)
+    return out
+
+
+def mean_metrics(history: list[dict]) -> dict:
+    return {key: np.mean([np.asarray(h[key]) for h in history], axis=0) for key in history[0]}
+
+
+class MetricsWriter:
+    """One JSON object per logged step; the same numbers go to W&B and the progress bar."""
+
+    def __init__(self, workdir: pathlib.Path, config: ml_collections.ConfigDict, *, start_step: int, total: int,
+                 is_main: bool = True):  # fmt: skip
+        self.path = workdir / "metrics.jsonl"
+        self.is_main = is_main
+        self.run = None
+        if is_main and config.wandb.mode != "disabled":
+            self.run = _init_wandb(workdir, config)
+        self.bar = tqdm.tqdm(total=total, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True)
+        if is_main and start_step:
+            self._truncate_after(start_step)
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the restored checkpoint: they will be logged again."""
+        if self.path.exists():
+            lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in lines))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        record = {"step": step, **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log(_for_wandb(metrics), step=step)
+        if "loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tau=f"{metrics['simulated_acceptance_length']:.2f}")
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+def _for_wandb(metrics: dict) -> dict:
+    """Lists (one value per draft depth) become one scalar per depth, so W&B can chart them."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, list):
+            flat |= {f"{key}/depth_{i}": v for i, v in enumerate(value)}
+        else:
+            flat[key] = value
+    return flat
+
+
+def _init_wandb(workdir: pathlib.Path, config: ml_collections.ConfigDict):
+    import wandb
+
+    id_file = workdir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
+    id_file.write_text(run_id)
+    w = config.wandb
+    return wandb.init(
+        project=w.project or "mtp", group=w.group or None, name=w.name or workdir.name, tags=list(w.tags),
+        config=config.to_dict(), dir=str(workdir), mode=w.mode, id=run_id, resume="allow",
+    )  # fmt: skip

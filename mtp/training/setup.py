@@ -1,0 +1,143 @@
+"""What a training run is built from: the target directory, the data, the drafter, the iterators."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from mtp.data.chat import ChatTemplate
+from mtp.data.embedded import ensure_embedded_dataset
+from mtp.data.pipeline import PipelineConfig, make_eval_batches, make_train_iterator
+from mtp.data.sources import load_rows
+from mtp.data.tokenizer import load_tokenizer
+from mtp.drafter.config import DrafterConfig
+from mtp.drafter.model import Drafter
+from mtp.target.model import Gemma4
+from mtp.training.centroids import balanced_clusters, cluster_means
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> pathlib.Path:
+    """Where the embedded corpus and tiny target live (built once per machine): $MTP_CACHE or ~/.cache/mtp."""
+    return pathlib.Path(os.environ.get("MTP_CACHE", pathlib.Path.home() / ".cache" / "mtp"))
+
+
+def target_directory(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+    if config.target.hf_path:
+        return pathlib.Path(config.target.hf_path)
+    if config.target.embedded_tiny:
+        from mtp.training.tiny_target import ensure_tiny_target
+
+        return pathlib.Path(ensure_tiny_target(cache_root()))
+    raise ValueError("Set --config.target.hf_path to a Hugging Face Gemma 4 directory (or target.embedded_tiny).")
+
+
+def chat_template(config: ml_collections.ConfigDict, target_dir: pathlib.Path) -> ChatTemplate:
+    return ChatTemplate(load_tokenizer(config.data.tokenizer or target_dir))
+
+
+class _Subset(Sequence):
+    """Some rows of a data set, by index (the held-out split when no eval files are given)."""
+
+    def __init__(self, rows: Sequence, indices: np.ndarray):
+        self.rows, self.indices = rows, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.rows[int(self.indices[i])]
+
+
+def data_rows(config: ml_collections.ConfigDict, workdir: pathlib.Path, target: Gemma4,
+              template: ChatTemplate) -> tuple[Sequence, Sequence]:  # fmt: skip
+    """Train and held-out rows; with self-distillation, the target's own answers to their prompts."""
+    if config.data.embedded:
+        paths = ensure_embedded_dataset(cache_root() / "data")
+        train_files, eval_files = [str(paths.train)], [str(paths.eval)]
+    else:
+        if not config.data.train_files:
+            raise ValueError("Set --config.data.train_files (JSONL / Parquet / text files or a hub name).")
+        train_files = config.data.train_files.split(",")
+        eval_files = config.data.eval_files.split(",") if config.data.eval_files else []
+    train, held_out = load_rows(train_files), load_rows(eval_files) if eval_files else None
+    if held_out is None:  # every 50th row is held out, deterministically
+        index = np.arange(len(train))
+        train, held_out = _Subset(train, index[index % 50 != 0]), _Subset(train, index[index % 50 == 0])
+    sd = config.data.self_distill
+    if sd.enabled:
+        from mtp.data.self_distill import regenerate
+
+        kwargs = dict(temperature=sd.temperature, max_new_tokens=sd.max_new_tokens, batch_size=sd.batch_size,
+                      max_prompts=sd.max_prompts, seed=config.seed)  # fmt: skip
+        train = load_rows(
+            [str(regenerate(target, template, train, workdir / "self_distill" / "train.jsonl", **kwargs))]
+        )
+        held_out = load_rows([str(regenerate(target, template, held_out, workdir / "self_distill" / "eval.jsonl",
+                                             **kwargs))])  # fmt: skip
+    return train, held_out
+
+
+def pipeline_config(config: ml_collections.ConfigDict) -> PipelineConfig:
+    return PipelineConfig(seq_len=config.seq_len, global_batch_size=config.batch_size, seed=config.seed,
+                          num_workers=config.data.num_workers)  # fmt: skip
+
+
+def train_iterator(config: ml_collections.ConfigDict, rows: Sequence, template: ChatTemplate):
+    return make_train_iterator(rows, template, pipeline_config(config))
+
+
+def eval_batches(config: ml_collections.ConfigDict, rows: Sequence, template: ChatTemplate) -> list[dict]:
+    return make_eval_batches(rows, template, pipeline_config(config), num_batches=config.eval_batches)
+
+
+def drafter_config_for(config: ml_collections.ConfigDict, target_config) -> DrafterConfig:
+    d = config.drafter
+    return DrafterConfig.for_target(
+        target_config, num_layers=d.num_layers, hidden_size=d.hidden_size, num_heads=d.num_heads,
+        intermediate_size=d.intermediate_size, max_draft_len=d.max_draft_len,
+        use_ordered_embeddings=d.use_ordered_embeddings, num_centroids=d.num_centroids,
+        centroid_intermediate_top_k=d.centroid_intermediate_top_k,
+    )  # fmt: skip
+
+
+def build_drafter(config: ml_collections.ConfigDict, target: Gemma4, mesh: Mesh | None = None) -> Drafter:
+    """A new drafter shaped by the config (head initialised from the target's embedding), or one loaded from HF."""
+    d = config.drafter
+    if d.init_from:
+        from mtp.checkpoint.hf_drafter import load_drafter
+
+        return load_drafter(d.init_from, target_config=target.config, max_draft_len=d.max_draft_len)
+    drafter_config = drafter_config_for(config, target.config)
+    drafter = Drafter(drafter_config, rngs=nnx.Rngs(config.seed))
+    if d.init_embed_from_target:
+        # A random orthonormal projection of the target's embedding: similar tokens start with similar rows,
+        # which gives the centroid clusters meaning from step 0.
+        width = drafter_config.hidden_size
+        table = np.asarray(target.embed[...], np.float32)
+        q, _ = np.linalg.qr(np.random.default_rng(config.seed).normal(size=(table.shape[1], width)))
+        rows = table @ q
+        rows *= width**-0.5 / np.sqrt(np.mean(rows**2))
+        drafter.embed[...] = jnp.asarray(rows, drafter.embed[...].dtype)
+    if drafter_config.use_ordered_embeddings:
+        table = np.asarray(drafter.embed[...], np.float32)
+        ordering = balanced_clusters(table, drafter_config.num_centroids)
+        drafter.token_ordering[...] = jnp.asarray(ordering)
+        drafter.centroids[...] = jnp.asarray(cluster_means(table, ordering, drafter_config.num_centroids))
+    return drafter
+
+
+def export(drafter_graph, state, path: pathlib.Path, save_drafter) -> None:
+    """The trained drafter in the HF ``gemma4_assistant`` layout."""
+    drafter = nnx.merge(drafter_graph, state.params, state.extra)
+    save_drafter(drafter, path)
+    log.info("Exported the drafter to %s (loads with transformers' Gemma4AssistantForCausalLM).", path)

@@ -1,0 +1,69 @@
+"""The jitted train and eval steps: the target runs frozen outside ``value_and_grad``; only the drafter learns."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mtp.training.loss import LossConfig, distill_loss, frozen_target, simulated_acceptance_length
+from mtp.training.state import TrainState
+
+
+def step_metrics(loss: jax.Array, metrics: dict, batch: dict) -> dict:
+    return {
+        "loss": loss,
+        "top1_agreement": metrics["top1_agreement"],
+        "loss_per_depth": metrics["loss_per_depth"],
+        "centroid_coverage": metrics["centroid_coverage"],
+        "simulated_acceptance_length": simulated_acceptance_length(metrics["top1_agreement"]),
+        "trained_tokens": jnp.sum(batch["loss_mask"]),
+    }
+
+
+def loss_and_metrics(params, extra, drafter_graph, target, target_out, batch, loss_config, dtype):
+    drafter = nnx.merge(drafter_graph, params, extra)
+    return distill_loss(drafter, target, target_out, batch, loss_config, dtype)
+
+
+def train_step(state: TrainState, target_state: nnx.State, batch: dict, *, target_graph: nnx.GraphDef,
+               drafter_graph: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               loss_config: LossConfig, dtype: jnp.dtype) -> tuple[TrainState, dict]:  # fmt: skip
+    """One optimizer step. ``target_state`` is an input only: never donated, differentiated or returned."""
+    target = nnx.merge(target_graph, target_state)
+    target_out = frozen_target(target, batch, dtype)
+    grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, state.extra, drafter_graph, target, target_out, batch,
+                                     loss_config, dtype)  # fmt: skip
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    out = step_metrics(loss, metrics, batch) | {"grad_norm": optax.global_norm(grads),
+                                                 "learning_rate": schedule(state.step)}  # fmt: skip
+    return TrainState(state.step + 1, params, state.extra, opt_state), out
+
+
+def eval_step(state: TrainState, target_state: nnx.State, batch: dict, *, target_graph: nnx.GraphDef,
+              drafter_graph: nnx.GraphDef, loss_config: LossConfig, dtype: jnp.dtype) -> dict:  # fmt: skip
+    target = nnx.merge(target_graph, target_state)
+    target_out = frozen_target(target, batch, dtype)
+    loss, metrics = loss_and_metrics(state.params, state.extra, drafter_graph, target, target_out, batch,
+                                     loss_config, dtype)  # fmt: skip
+    return step_metrics(loss, metrics, batch)
+
+
+def jit_train_step(state_sh, target_sh, batch_sh, metrics_sh, **static):
+    """One ``jax.jit`` with explicit in/out shardings; the state is donated, the target is not."""
+    return jax.jit(
+        functools.partial(train_step, **static),
+        in_shardings=(state_sh, target_sh, batch_sh),
+        out_shardings=(state_sh, metrics_sh),
+        donate_argnums=(0,),
+    )
+
+
+def jit_eval_step(state_sh, target_sh, batch_sh, metrics_sh, **static):
+    return jax.jit(functools.partial(eval_step, **static), in_shardings=(state_sh, target_sh, batch_sh),
+                   out_shardings=metrics_sh)  # fmt: skip

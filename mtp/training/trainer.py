@@ -1,0 +1,139 @@
+"""``train(config, workdir)``: distill a drafter from a frozen Gemma 4 target, sharded, resumable and logged."""
+
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mtp import sharding as sharding_lib
+from mtp.checkpoint import load_target
+from mtp.checkpoint.hf_drafter import save_drafter
+from mtp.training import setup
+from mtp.training.checkpoints import Checkpointer, check_workdir
+from mtp.training.config import loss_config
+from mtp.training.metrics import MetricsWriter, mean_metrics, to_python
+from mtp.training.state import (
+    abstract_like,
+    batch_sharding,
+    init_state,
+    make_optimizer,
+    replicated,
+    split_drafter,
+    state_shardings,
+)
+from mtp.training.step import jit_eval_step, jit_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
+
+
+def _device_batch(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
+    """This process's rows of the global batch, assembled into one global array per field."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in
+            ("tokens", "loss_mask", "segment_ids", "positions")}  # fmt: skip
+
+
+def _log_compiled(name: str, compiled) -> None:
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        log.info("%s compiled: per-device memory arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB", name,
+                 memory.argument_size_in_bytes / 2**20, memory.output_size_in_bytes / 2**20,
+                 memory.temp_size_in_bytes / 2**20)  # fmt: skip
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Trains until ``num_train_steps`` (resuming from the workdir's newest checkpoint) and exports ``workdir/hf``."""
+    workdir = pathlib.Path(workdir)
+    if config.wandb.project and config.wandb.mode == "offline":
+        config.wandb.mode = "online"  # naming a project means the user wants the run online
+    if config.batch_size % jax.process_count():
+        raise ValueError(f"batch_size={config.batch_size} must divide over {jax.process_count()} processes.")
+    check_workdir(workdir, config)
+    mesh = sharding_lib.make_mesh(config.mesh.to_dict())
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % data_parallel:
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by the data-parallel mesh size "
+                         f"{data_parallel} (data x fsdp); change config.batch_size or config.mesh.")  # fmt: skip
+    dtype = jnp.dtype(config.compute_dtype)
+
+    target_dir = setup.target_directory(config, workdir)
+    target = load_target(target_dir, mesh=mesh, dtype=jnp.dtype(config.target.dtype))
+    template = setup.chat_template(config, target_dir)
+    train_rows, eval_rows = setup.data_rows(config, workdir, target, template)
+    drafter = setup.build_drafter(config, target, mesh)
+    target_graph, target_state = nnx.split(target)
+    drafter_graph, params, extra = split_drafter(drafter)
+
+    tx, schedule = make_optimizer(config)
+    state = init_state(params, extra, tx, mesh)
+    state_sh = state_shardings(jax.eval_shape(lambda s: s, state), tx, mesh)
+    checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+    train_iter = setup.train_iterator(config, train_rows, template)
+    restored = checkpointer.restore_latest(abstract_like(state, state_sh))
+    if restored is not None:
+        state, data_state = restored
+        train_iter.set_state(data_state)
+        log.info("Resumed from the checkpoint at step %d.", int(state.step))
+    start_step = int(state.step)
+
+    batch_sh, metrics_sh = batch_sharding(mesh), replicated(mesh)
+    target_sh = sharding_lib.state_shardings(target_state, mesh)
+    static = dict(target_graph=target_graph, drafter_graph=drafter_graph, loss_config=loss_config(config),
+                  dtype=dtype)  # fmt: skip
+    step_fn = jit_train_step(state_sh, target_sh, batch_sh, metrics_sh, tx=tx, schedule=schedule, **static)
+    eval_fn = jit_eval_step(state_sh, target_sh, batch_sh, metrics_sh, **static)
+    eval_batches = [_device_batch(b, batch_sh) for b in setup.eval_batches(config, eval_rows, template)]
+
+    writer = MetricsWriter(workdir, config, start_step=start_step, total=config.num_train_steps,
+                           is_main=jax.process_index() == 0)  # fmt: skip
+    history, last_time, last_good = [], time.perf_counter(), checkpointer.latest_step
+    summary: dict = {}
+    compiled = None
+    try:
+        for step in range(start_step, config.num_train_steps):
+            batch = _device_batch(next(train_iter), batch_sh)
+            if compiled is None:  # compile first, and say how much memory the step needs
+                compiled = step_fn.lower(state, target_state, batch).compile()
+                _log_compiled("train step", compiled)
+            state, metrics = compiled(state, target_state, batch)
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step + 1}; stopping. The last good checkpoint is "
+                    f"{'step ' + str(last_good) if last_good is not None else 'none'} in {workdir / 'checkpoints'}."
+                )
+            history.append(metrics)
+            writer.advance()
+            done = step + 1
+            if done % config.log_every_steps == 0 or done == config.num_train_steps:
+                record = to_python(mean_metrics(history))
+                now = time.perf_counter()
+                record["tokens_per_second"] = len(history) * config.batch_size * config.seq_len / (now - last_time)
+                record["truncated_examples"] = train_iter.num_truncated
+                history, last_time = [], now
+                if done % config.eval_every_steps == 0 or done == config.num_train_steps:
+                    evals = [eval_fn(state, target_state, b) for b in eval_batches]
+                    record |= {f"eval_{k}": v for k, v in to_python(mean_metrics(evals)).items()}
+                writer.write(done, record)
+                summary = record
+            if done % config.checkpoint_every_steps == 0 or done == config.num_train_steps:
+                checkpointer.save(done, state, train_iter.get_state())
+                last_good = done
+    finally:
+        writer.close()
+        checkpointer.close()
+        train_iter.close()
+    if jax.process_index() == 0:
+        setup.export(drafter_graph, state, workdir / "hf", save_drafter)
+    return summary

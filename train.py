@@ -1,0 +1,30 @@
+"""Distill a drafter from a frozen Gemma 4 target: python train.py --config configs/tiny.py --workdir DIR."""
+
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the exported drafter go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from mtp.training.trainer import train
+
+    if os.environ.get("MTP_DISTRIBUTED"):
+        jax.distributed.initialize()  # multi-host: reads the TPU / SLURM / JAX_* environment
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),
+                 jax.devices()[0].platform)  # fmt: skip
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
