@@ -20,19 +20,11 @@ from flax import nnx
 
 from mtp.checkpoint.hf_target import target_layouts
 from mtp.checkpoint.safetensors_write import save_safetensors
-from mtp.target.config import ATTENTION_TYPES, SLIDING, Gemma4Config, RopeConfig
+from mtp.target.config import Gemma4Config, decoder_fields_to_hf
 from mtp.target.model import Gemma4
 
 ARCHITECTURE = "Gemma4ForCausalLM"
 MODEL_TYPE = "gemma4_text"
-
-
-def _rope_to_hf(rope: RopeConfig, layer_type: str) -> dict[str, Any]:
-    """HF rope_type "default" for a plain sliding RoPE, else "proportional" (always on full layers, as shipped)."""
-    if layer_type == SLIDING and rope.rotary_fraction == 1.0 and rope.factor == 1.0:
-        return {"rope_type": "default", "rope_theta": rope.theta}
-    out = {"rope_type": "proportional", "partial_rotary_factor": rope.rotary_fraction, "rope_theta": rope.theta}
-    return out | ({"factor": rope.factor} if rope.factor != 1.0 else {})
 
 
 def config_to_hf(config: Gemma4Config) -> dict[str, Any]:
@@ -43,23 +35,10 @@ def config_to_hf(config: Gemma4Config) -> dict[str, Any]:
     """
     moe = config.enable_moe
     eos = list(config.eos_token_ids)
-    out: dict[str, Any] = {
+    return {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "global_head_dim": config.global_head_dim,
-        "attention_k_eq_v": config.attention_k_eq_v,
-        "layer_types": list(config.layer_types),
-        "sliding_window": config.sliding_window,
-        "rope_parameters": {t: _rope_to_hf(config.rope(t), t) for t in ATTENTION_TYPES},
-        "rms_norm_eps": config.rms_norm_eps,
-        "final_logit_softcapping": config.final_logit_softcapping,
+        **decoder_fields_to_hf(config),
         "hidden_size_per_layer_input": config.per_layer_input_dim,
         "vocab_size_per_layer_input": config.per_layer_vocab_size,
         "num_kv_shared_layers": config.num_kv_shared_layers,
@@ -71,13 +50,7 @@ def config_to_hf(config: Gemma4Config) -> dict[str, Any]:
         "bos_token_id": config.bos_token_id,
         "eos_token_id": eos[0] if len(eos) == 1 else eos,
         "pad_token_id": config.pad_token_id,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "attention_bias": False,
-        "tie_word_embeddings": True,
     }
-    if config.attention_k_eq_v and config.num_global_kv_heads:
-        out["num_global_key_value_heads"] = config.num_global_kv_heads
-    return out
 
 
 def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:

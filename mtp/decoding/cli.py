@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from mtp.checkpoint import load_target
-from mtp.decoding.generate import DecodeInputError, Generation, check_inputs, generate, summarize
+from mtp.decoding.generate import DecodeInputError, Generation, _round_up, check_inputs, generate, summarize
 from mtp.decoding.sampling import Sampling
 
 log = logging.getLogger(__name__)
+PAD_MULTIPLE = 16  # prompts are right-padded to a multiple of this, so batches share compilations
 
 
 def read_prompts(config: ml_collections.ConfigDict) -> list[dict]:
@@ -66,6 +67,8 @@ def run_decode(config: ml_collections.ConfigDict) -> dict:
     """Decodes every prompt and writes ``config.output``; returns the JSON document."""
     if not config.target.hf_path:
         raise DecodeInputError("Set --config.target.hf_path to a Hugging Face Gemma 4 directory.")
+    if config.batch_size < 1:
+        raise DecodeInputError(f"batch_size={config.batch_size}; it must be at least 1.")
     if config.draft_len and not config.drafter.hf_path:
         raise DecodeInputError(f"draft_len={config.draft_len} needs --config.drafter.hf_path (or draft_len=0).")
     rows = read_prompts(config)
@@ -81,12 +84,15 @@ def run_decode(config: ml_collections.ConfigDict) -> dict:
     kwargs = dict(
         draft_len=config.draft_len, max_new_tokens=config.max_new_tokens, stop_tokens=tuple(config.stop_tokens),
         sampling=Sampling(config.temperature, config.top_k, config.top_p), seed=config.seed,
-        max_cache_len=config.max_cache_len or None,
+        max_cache_len=config.max_cache_len or None, pad_multiple=PAD_MULTIPLE,
     )  # fmt: skip
     check_inputs(target, drafter, prompts, draft_len=config.draft_len, max_new_tokens=config.max_new_tokens,
                  max_cache_len=kwargs["max_cache_len"])  # fmt: skip
     batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
-    generate(target, drafter, batches[0], **kwargs)  # compile outside the timed pass
+    # Compile every batch shape outside the timed pass: the last batch often has fewer rows or another length.
+    shapes = {(len(b), _round_up(max(map(len, b)), PAD_MULTIPLE)): b for b in batches}
+    for batch in shapes.values():
+        generate(target, drafter, batch, **kwargs)
     outputs: list[Generation] = []
     start = time.perf_counter()
     for batch in batches:

@@ -69,11 +69,21 @@ def _pick(logits_BV: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array
     return jax.random.categorical(rng, jnp.log(probs), axis=-1).astype(jnp.int32)
 
 
+MAX_STOP_TOKENS = 8
+
+
+def stop_token_array(stop_tokens: tuple[int, ...]) -> jax.Array:
+    """Stop tokens as a fixed-size traced array (-1 pads), so a new stop set does not recompile the loop."""
+    if len(stop_tokens) > MAX_STOP_TOKENS:
+        raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stop_tokens)}.")
+    return jnp.array(list(stop_tokens) + [-1] * (MAX_STOP_TOKENS - len(stop_tokens)), jnp.int32)
+
+
 @functools.partial(
-    jax.jit, static_argnames=("target_graph", "drafter_graph", "draft_len", "max_new_tokens", "sampling", "stop_tokens")
+    jax.jit, static_argnames=("target_graph", "drafter_graph", "draft_len", "max_new_tokens", "sampling")
 )
-def _generate(target_graph, target_state, drafter_graph, drafter_state, prompts_BL, lengths_B, rng, *, draft_len: int,
-              max_new_tokens: int, sampling: Sampling, stop_tokens: tuple[int, ...]) -> DecodeResult:  # fmt: skip
+def _generate(target_graph, target_state, drafter_graph, drafter_state, prompts_BL, lengths_B, stop, rng, *,
+              draft_len: int, max_new_tokens: int, sampling: Sampling) -> DecodeResult:  # fmt: skip
     target = nnx.merge(target_graph, target_state)
     drafter = nnx.merge(drafter_graph, drafter_state) if draft_len else None
     batch, prompt_len = prompts_BL.shape
@@ -87,7 +97,6 @@ def _generate(target_graph, target_state, drafter_graph, drafter_state, prompts_
     hidden_BD = out.hidden[rows, lengths_B - 1]
     rng, first_rng = jax.random.split(rng)
     first_B = _pick(target.logits(hidden_BD[:, None])[:, 0], sampling, first_rng)
-    stop = jnp.asarray(stop_tokens or (-1,), jnp.int32)
     rounds = max_new_tokens
     result = DecodeResult(
         tokens=jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first_B),

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mtp.decoding.engine import DecodeResult, _generate
+from mtp.decoding.engine import DecodeResult, _generate, stop_token_array
 from mtp.decoding.sampling import Sampling
 from mtp.target.model import Gemma4
 
@@ -81,8 +81,8 @@ def generate(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Seque
     target_graph, target_state = nnx.split(target)
     drafter_graph, drafter_state = nnx.split(drafter) if draft_len else (None, None)
     result = _generate(
-        target_graph, target_state, drafter_graph, drafter_state, padded, lengths, jax.random.key(seed),
-        draft_len=draft_len, max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=tuple(stop_tokens),
+        target_graph, target_state, drafter_graph, drafter_state, padded, lengths, stop_token_array(tuple(stop_tokens)),
+        jax.random.key(seed), draft_len=draft_len, max_new_tokens=max_new_tokens, sampling=sampling,
     )  # fmt: skip
     result = jax.device_get(result)
     outputs = []

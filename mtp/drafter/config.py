@@ -7,7 +7,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from mtp.target import config as target_config_lib
-from mtp.target.config import ATTENTION_TYPES, FULL, SLIDING, ConfigError, Gemma4Config, RopeConfig
+from mtp.target.config import (
+    ATTENTION_TYPES,
+    FULL,
+    SLIDING,
+    ConfigError,
+    Gemma4Config,
+    RopeConfig,
+    decoder_fields_to_hf,
+)
 
 MODEL_TYPE = "gemma4_assistant"
 # transformers' defaults (Gemma4TextConfig), as in ``Gemma4Config``.
@@ -232,42 +240,17 @@ def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json", ma
         raise DrafterConfigError(str(e)) from None
 
 
-def _rope_to_hf(rope: RopeConfig, layer_type: str) -> dict[str, Any]:
-    if layer_type == SLIDING and rope.rotary_fraction == 1.0 and rope.factor == 1.0:
-        return {"rope_type": "default", "rope_theta": rope.theta}
-    out = {"rope_type": "proportional", "partial_rotary_factor": rope.rotary_fraction, "rope_theta": rope.theta}
-    return out | ({"factor": rope.factor} if rope.factor != 1.0 else {})
-
-
 def config_to_hf(config: DrafterConfig) -> dict[str, Any]:
     """The ``gemma4_assistant`` config.json dict (hub form: ``global_head_dim``, not ``per_layer_config``)."""
     text: dict[str, Any] = {
         "model_type": "gemma4_text",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "global_head_dim": config.global_head_dim,
-        "attention_k_eq_v": config.attention_k_eq_v,
-        "layer_types": list(config.layer_types),
-        "sliding_window": config.sliding_window,
-        "rope_parameters": {t: _rope_to_hf(config.rope(t), t) for t in ATTENTION_TYPES},
-        "rms_norm_eps": config.rms_norm_eps,
-        "final_logit_softcapping": config.final_logit_softcapping,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "attention_bias": False,
+        **decoder_fields_to_hf(config),
         "hidden_size_per_layer_input": 0,
         "vocab_size_per_layer_input": 0,
         "num_kv_shared_layers": config.num_layers,
         "enable_moe_block": False,
         "use_double_wide_mlp": False,
-        "tie_word_embeddings": True,
     }
-    if config.attention_k_eq_v and config.num_global_kv_heads:
-        text["num_global_key_value_heads"] = config.num_global_kv_heads
     return {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,

@@ -214,6 +214,40 @@ def _per_layer_overrides(text: Mapping[str, Any], layer_types: tuple[str, ...]) 
     return int(head_dim), kv_heads
 
 
+def rope_to_hf(rope: RopeConfig, layer_type: str) -> dict[str, Any]:
+    """HF rope_type "default" for a plain sliding RoPE, else "proportional" (always on full layers, as shipped)."""
+    if layer_type == SLIDING and rope.rotary_fraction == 1.0 and rope.factor == 1.0:
+        return {"rope_type": "default", "rope_theta": rope.theta}
+    out = {"rope_type": "proportional", "partial_rotary_factor": rope.rotary_fraction, "rope_theta": rope.theta}
+    return out | ({"factor": rope.factor} if rope.factor != 1.0 else {})
+
+
+def decoder_fields_to_hf(config: Any) -> dict[str, Any]:
+    """The gemma4_text fields a target and a drafter share (hub form: ``global_head_dim``), from either config."""
+    out = {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "global_head_dim": config.global_head_dim,
+        "attention_k_eq_v": config.attention_k_eq_v,
+        "layer_types": list(config.layer_types),
+        "sliding_window": config.sliding_window,
+        "rope_parameters": {t: rope_to_hf(config.rope(t), t) for t in ATTENTION_TYPES},
+        "rms_norm_eps": config.rms_norm_eps,
+        "final_logit_softcapping": config.final_logit_softcapping,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "tie_word_embeddings": True,
+    }
+    if config.attention_k_eq_v and config.num_global_kv_heads:
+        out["num_global_key_value_heads"] = config.num_global_kv_heads  # only shapes the model with k_eq_v
+    return out
+
+
 def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json") -> Gemma4Config:
     """Reads a ``gemma4`` (text part of the multimodal model) or ``gemma4_text`` config.json dict."""
     model_type = config.get("model_type")

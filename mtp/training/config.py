@@ -61,6 +61,22 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def full_size_config(*, hidden_size: int, num_heads: int, intermediate_size: int,
+                     use_ordered_embeddings: bool) -> ml_collections.ConfigDict:  # fmt: skip
+    """What the released-target configs share: 4 drafter layers, 2048-token sequences, bf16, self-distillation."""
+    config = base_config()
+    config.update(num_train_steps=20_000, batch_size=64, seq_len=2048, log_every_steps=50, eval_every_steps=1000,
+                  checkpoint_every_steps=1000, compute_dtype="bfloat16")  # fmt: skip
+    config.target.dtype = "bfloat16"
+    config.drafter.update(num_layers=4, hidden_size=hidden_size, num_heads=num_heads,
+                          intermediate_size=intermediate_size, use_ordered_embeddings=use_ordered_embeddings,
+                          num_centroids=2048, centroid_intermediate_top_k=32)  # fmt: skip
+    config.data.self_distill.update(enabled=True, temperature=0.0, max_new_tokens=1024, batch_size=64)
+    config.loss.update(depth=4, chunk_size=256)
+    config.optimizer.update(learning_rate=3e-4, warmup_steps=500)
+    return finalize(config)
+
+
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Locks the config: an unknown ``--config.key`` then fails, naming the closest existing keys."""
     config.lock()

@@ -1,5 +1,7 @@
 """One train step code path for 1 device and many: sharded steps agree with the single-device step."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,12 @@ from mtp.training.state import batch_sharding, init_state, make_optimizer, repli
 from mtp.training.step import jit_train_step
 from tests import hf_oracle
 
-MESHES = [{"fsdp": 1}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "tensor": 4}]
+SINGLE = {"fsdp": 1}
+CASES = [
+    ("e2b_like", {"fsdp": 8}),
+    ("e2b_like", {"data": 2, "fsdp": 2, "tensor": 2}),
+    ("moe_like", {"data": 2, "tensor": 4}),
+]
 
 
 def synthetic_batch(batch: int = 8, length: int = 32) -> dict:
@@ -58,26 +65,30 @@ def run(kind: str, mesh_shape: dict, steps: int = 2):
     return losses, jax.device_get(nnx.to_pure_dict(state.params)), layout
 
 
-@pytest.mark.parametrize("kind", ["e2b_like", "moe_like"])
-def test_sharded_train_steps_agree_with_one_device(kind):
-    reference_losses, reference_params, _ = run(kind, MESHES[0])
-    for mesh_shape in MESHES[1:]:
-        losses, params, layout = run(kind, mesh_shape)
-        typical = np.median(
-            np.concatenate(
-                [
-                    np.abs(np.ravel(a) - np.ravel(b))
-                    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference_params), strict=True)
-                ]
-            )
+@functools.cache
+def single_device(kind: str):
+    return run(kind, SINGLE)
+
+
+@pytest.mark.parametrize("kind, mesh_shape", CASES, ids=[f"{k}-{'x'.join(map(str, m.values()))}" for k, m in CASES])
+def test_sharded_train_steps_agree_with_one_device(kind, mesh_shape):
+    reference_losses, reference_params, _ = single_device(kind)
+    losses, params, layout = run(kind, mesh_shape)
+    typical = np.median(
+        np.concatenate(
+            [
+                np.abs(np.ravel(a) - np.ravel(b))
+                for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference_params), strict=True)
+            ]
         )
-        assert typical < 1e-5, f"{mesh_shape}: median parameter difference {typical:.2e}"
-        np.testing.assert_allclose(losses, reference_losses, rtol=2e-5, err_msg=f"loss, grad norm {mesh_shape}")
-        # Adam divides each gradient coordinate by its own magnitude: where a gradient is ~0, float noise from a
-        # different reduction order can move that parameter by +-lr instead of ~0. The two steps use lr 0 and
-        # 1.5e-4 (warmup), so two runs may differ by up to 3e-4 there; elsewhere they agree to ~1e-6.
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference_params), strict=True):
-            np.testing.assert_allclose(a, b, atol=3e-4, err_msg=str(mesh_shape))
-        assert any(spec != jax.sharding.PartitionSpec() for spec in layout.values() if spec), (
-            f"{mesh_shape}: nothing was sharded"
-        )
+    )
+    assert typical < 1e-5, f"{mesh_shape}: median parameter difference {typical:.2e}"
+    np.testing.assert_allclose(losses, reference_losses, rtol=2e-5, err_msg=f"loss, grad norm {mesh_shape}")
+    # Adam divides each gradient coordinate by its own magnitude: where a gradient is ~0, float noise from a
+    # different reduction order can move that parameter by +-lr instead of ~0. The two steps use lr 0 and
+    # 1.5e-4 (warmup), so two runs may differ by up to 3e-4 there; elsewhere they agree to ~1e-6.
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference_params), strict=True):
+        np.testing.assert_allclose(a, b, atol=3e-4, err_msg=str(mesh_shape))
+    assert any(spec != jax.sharding.PartitionSpec() for spec in layout.values() if spec), (
+        f"{mesh_shape}: nothing was sharded"
+    )
