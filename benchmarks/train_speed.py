@@ -8,13 +8,17 @@ distillation needs anyway. Also prints training tokens per second (tokens in the
 """
 
 import argparse
+import pathlib
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere without installing mtp
 
 from configs import tiny
 from mtp import sharding as sharding_lib
