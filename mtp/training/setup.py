@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from mtp.data.chat import ChatTemplate
 from mtp.data.embedded import ensure_embedded_dataset
@@ -110,7 +109,7 @@ def drafter_config_for(config: ml_collections.ConfigDict, target_config) -> Draf
     )  # fmt: skip
 
 
-def build_drafter(config: ml_collections.ConfigDict, target: Gemma4, mesh: Mesh | None = None) -> Drafter:
+def build_drafter(config: ml_collections.ConfigDict, target: Gemma4) -> Drafter:
     """A new drafter shaped by the config (head initialised from the target's embedding), or one loaded from HF."""
     d = config.drafter
     if d.init_from:
