@@ -26,7 +26,7 @@ from mtp.checkpoint import load_target
 from mtp.training import setup
 from mtp.training.config import loss_config
 from mtp.training.loss import frozen_target
-from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_drafter, state_shardings
+from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_drafter
 from mtp.training.step import jit_train_step
 
 
@@ -57,8 +57,7 @@ def main():
     target_graph, target_state = nnx.split(target)
     drafter_graph, params, extra = split_drafter(setup.build_drafter(config, target))
     tx, schedule = make_optimizer(config)
-    state = init_state(params, extra, tx, mesh)
-    state_sh = state_shardings(jax.eval_shape(lambda s: s, state), tx, mesh)
+    state, state_sh = init_state(params, extra, tx, mesh)
     target_sh = sharding_lib.state_shardings(target_state, mesh)
     step = jit_train_step(state_sh, target_sh, batch_sharding(mesh), replicated(mesh), tx=tx, schedule=schedule,
                           target_graph=target_graph, drafter_graph=drafter_graph, loss_config=loss_config(config),

@@ -29,8 +29,8 @@ from mtp.training.step import jit_train_step
 def compile_train_step(config: ml_collections.ConfigDict, target_config: Gemma4Config, mesh: Mesh):
     """The compiled train step of ``config`` for a target of ``target_config`` on ``mesh``."""
     target_graph, target_abstract = nnx.split(nnx.eval_shape(lambda: Gemma4(target_config, rngs=nnx.Rngs(0))))
-    target_in = abstract_like(target_abstract, sharding_lib.state_shardings(target_abstract, mesh),
-                                jnp.dtype(config.target.dtype))  # fmt: skip
+    target_sh = sharding_lib.state_shardings(target_abstract, mesh)
+    target_in = abstract_like(target_abstract, target_sh, jnp.dtype(config.target.dtype))
     drafter = nnx.eval_shape(lambda: Drafter(drafter_config_for(config, target_config), rngs=nnx.Rngs(0)))
     drafter_graph, params, extra = split_drafter(drafter)
     tx, schedule = make_optimizer(config)
@@ -40,7 +40,7 @@ def compile_train_step(config: ml_collections.ConfigDict, target_config: Gemma4C
     batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32, sharding=batch_sh)
              for k in ("tokens", "loss_mask", "segment_ids", "positions")}  # fmt: skip
     step = jit_train_step(
-        state_sh, sharding_lib.state_shardings(target_abstract, mesh), batch_sh, replicated(mesh), tx=tx,
+        state_sh, target_sh, batch_sh, replicated(mesh), tx=tx,
         schedule=schedule, target_graph=target_graph, drafter_graph=drafter_graph, loss_config=loss_config(config),
         dtype=jnp.dtype(config.compute_dtype),
     )  # fmt: skip

@@ -48,19 +48,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def variable_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    return sharding_lib.state_shardings(state, mesh)
-
-
 def state_shardings(abstract: TrainState, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
     """Shardings of every leaf: parameters (and their Adam moments) by the logical-axis rules, scalars replicated."""
-    param_sh = variable_shardings(abstract.params, mesh)
+    param_sh = sharding_lib.state_shardings(abstract.params, mesh)
     opt_sh = optax.tree_map_params(
         tx, lambda _, s: s, abstract.opt_state, param_sh, transform_non_params=lambda _: replicated(mesh),
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )  # fmt: skip
     return TrainState(
-        step=replicated(mesh), params=param_sh, extra=variable_shardings(abstract.extra, mesh), opt_state=opt_sh
+        step=replicated(mesh),
+        params=param_sh,
+        extra=sharding_lib.state_shardings(abstract.extra, mesh),
+        opt_state=opt_sh,
     )
 
 
@@ -81,12 +80,13 @@ def abstract_like(tree, shardings, dtype=None):
     return jax.tree.map(one, tree, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def init_state(params: nnx.State, extra: nnx.State, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    """Places given drafter parameters on the mesh and builds the optimizer state there (jitted, sharded)."""
+def init_state(params: nnx.State, extra: nnx.State, tx: optax.GradientTransformation,
+               mesh: Mesh) -> tuple[TrainState, TrainState]:  # fmt: skip
+    """The train state on the mesh (optimizer state built there, jitted) and its shardings."""
 
     def build(params, extra):
         return TrainState(jnp.zeros((), jnp.int32), params, extra, tx.init(params))
 
     abstract = jax.eval_shape(build, params, extra)
     shardings = state_shardings(abstract, tx, mesh)
-    return jax.jit(build, out_shardings=shardings)(params, extra)
+    return jax.jit(build, out_shardings=shardings)(params, extra), shardings

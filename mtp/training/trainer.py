@@ -27,7 +27,6 @@ from mtp.training.state import (
     make_optimizer,
     replicated,
     split_drafter,
-    state_shardings,
 )
 from mtp.training.step import jit_eval_step, jit_train_step
 
@@ -76,8 +75,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     drafter_graph, params, extra = split_drafter(drafter)
 
     tx, schedule = make_optimizer(config)
-    state = init_state(params, extra, tx, mesh)
-    state_sh = state_shardings(jax.eval_shape(lambda s: s, state), tx, mesh)
+    state, state_sh = init_state(params, extra, tx, mesh)
     checkpointer = Checkpointer(workdir, config.keep_checkpoints)
     train_iter = setup.train_iterator(config, train_rows, template)
     restored = checkpointer.restore_latest(abstract_like(state, state_sh))

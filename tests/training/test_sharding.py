@@ -14,7 +14,7 @@ from mtp.target.config import config_from_hf
 from mtp.target.model import Gemma4
 from mtp.training import setup
 from mtp.training.config import loss_config
-from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_drafter, state_shardings
+from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_drafter
 from mtp.training.step import jit_train_step
 from tests import hf_oracle
 
@@ -51,8 +51,7 @@ def run(kind: str, mesh_shape: dict, steps: int = 2):
     target_state = jax.device_put(target_state, target_sh)
     drafter_graph, params, extra = split_drafter(drafter)
     tx, schedule = make_optimizer(config)
-    state = init_state(params, extra, tx, mesh)
-    state_sh = state_shardings(jax.eval_shape(lambda s: s, state), tx, mesh)
+    state, state_sh = init_state(params, extra, tx, mesh)
     step = jit_train_step(state_sh, target_sh, batch_sharding(mesh), replicated(mesh), tx=tx, schedule=schedule,
                           target_graph=target_graph, drafter_graph=drafter_graph, loss_config=loss_config(config),
                           dtype=jnp.float32)  # fmt: skip
