@@ -50,7 +50,8 @@ def regenerate(target: Gemma4, template: ChatTemplate, rows: Sequence, path: pat
             batch = prompts[start : start + batch_size]
             ids = [template.prompt_ids(messages) for messages in batch]
             outputs, _ = generate(target, None, ids, max_new_tokens=max_new_tokens, stop_tokens=stop,
-                                  sampling=Sampling(temperature=temperature), seed=seed + start)  # fmt: skip
+                                  sampling=Sampling(temperature=temperature), seed=seed,
+                                  first_row=start)  # fmt: skip
             for messages, output in zip(batch, outputs, strict=True):
                 tokens = [t for t in output.token_ids if t not in stop]
                 answer = template.tokenizer.decode(tokens, skip_special_tokens=True)

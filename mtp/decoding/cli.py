@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mtp.checkpoint import load_target
-from mtp.decoding.generate import DecodeInputError, Generation, _round_up, check_inputs, generate, summarize
+from mtp.decoding.generate import DecodeInputError, _round_up, check_inputs, generate, generate_in_batches, summarize
 from mtp.decoding.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -93,10 +93,8 @@ def run_decode(config: ml_collections.ConfigDict) -> dict:
     shapes = {(len(b), _round_up(max(map(len, b)), PAD_MULTIPLE)): b for b in batches}
     for batch in shapes.values():
         generate(target, drafter, batch, **kwargs)
-    outputs: list[Generation] = []
     start = time.perf_counter()
-    for batch in batches:
-        outputs += generate(target, drafter, batch, **kwargs)[0]
+    outputs = generate_in_batches(target, drafter, prompts, batch_size=config.batch_size, **kwargs)
     wall = time.perf_counter() - start
     document = {
         "outputs": [

@@ -50,7 +50,7 @@ class _State:
     hidden: jax.Array
     result: DecodeResult
     done: jax.Array
-    rng: jax.Array
+    keys: jax.Array  # [B] one PRNG stream per row
     round: jax.Array
 
 
@@ -62,11 +62,16 @@ def _append(buffer_BN: jax.Array, new_BT: jax.Array, start_B: jax.Array, count_B
     return buffer_BN.at[rows_BT, slots_BT].set(new_BT, mode="drop")
 
 
-def _pick(logits_BV: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array:
+def _pick(logits_BV: jax.Array, sampling: Sampling, keys_B: jax.Array) -> jax.Array:
     if sampling.greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     probs = sampling_lib.target_probs(logits_BV[:, None], sampling)[:, 0]
-    return jax.random.categorical(rng, jnp.log(probs), axis=-1).astype(jnp.int32)
+    return sampling_lib.categorical_rows(keys_B, jnp.log(probs))
+
+
+def _split(keys_B: jax.Array, num: int, sampling: Sampling) -> jax.Array:
+    """``num`` fresh keys per row ``[num, B]``; greedy decoding draws nothing, so it skips the work."""
+    return jnp.broadcast_to(keys_B, (num, *keys_B.shape)) if sampling.greedy else sampling_lib.split_rows(keys_B, num)
 
 
 MAX_STOP_TOKENS = 8
@@ -82,8 +87,8 @@ def stop_token_array(stop_tokens: tuple[int, ...]) -> jax.Array:
 @functools.partial(
     jax.jit, static_argnames=("target_graph", "drafter_graph", "draft_len", "max_new_tokens", "sampling")
 )
-def _generate(target_graph, target_state, drafter_graph, drafter_state, prompts_BL, lengths_B, stop, rng, *,
-              draft_len: int, max_new_tokens: int, sampling: Sampling) -> DecodeResult:  # fmt: skip
+def _generate(target_graph, target_state, drafter_graph, drafter_state, prompts_BL, lengths_B, stop, seed, row_ids_B,
+              *, draft_len: int, max_new_tokens: int, sampling: Sampling) -> DecodeResult:  # fmt: skip
     target = nnx.merge(target_graph, target_state)
     drafter = nnx.merge(drafter_graph, drafter_state) if draft_len else None
     batch, prompt_len = prompts_BL.shape
@@ -95,8 +100,8 @@ def _generate(target_graph, target_state, drafter_graph, drafter_state, prompts_
     out, cache = target(prompts_BL, cache, num_valid_B=lengths_B, return_logits=False, prefill=True)
     cache = cache.commit(lengths_B)
     hidden_BD = out.hidden[rows, lengths_B - 1]
-    rng, first_rng = jax.random.split(rng)
-    first_B = _pick(target.logits(hidden_BD[:, None])[:, 0], sampling, first_rng)
+    keys_B, first_keys_B = _split(sampling_lib.row_keys(seed, row_ids_B), 2, sampling)
+    first_B = _pick(target.logits(hidden_BD[:, None])[:, 0], sampling, first_keys_B)
     rounds = max_new_tokens
     result = DecodeResult(
         tokens=jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first_B),
@@ -108,15 +113,15 @@ def _generate(target_graph, target_state, drafter_graph, drafter_state, prompts_
         target_forwards=jnp.zeros((batch,), jnp.int32),
     )
     done = jnp.isin(first_B, stop) | (max_new_tokens <= 1)
-    state = _State(cache, first_B, hidden_BD, result, done, rng, jnp.zeros((), jnp.int32))
+    state = _State(cache, first_B, hidden_BD, result, done, keys_B, jnp.zeros((), jnp.int32))
 
     def body(s: _State) -> _State:
-        rng, draft_rng, verify_rng = jax.random.split(s.rng, 3)
+        keys_B, draft_keys_B, verify_keys_B = _split(s.keys, 3, sampling)
         position_B = s.cache.length
         if draft_len:
             proposal = draft(
                 drafter, target, s.last_token, s.hidden, position_B, drafter_kv_from_cache(target.config, s.cache),
-                num_tokens=draft_len, temperature=sampling.temperature, rng=draft_rng,
+                num_tokens=draft_len, temperature=sampling.temperature, keys_B=draft_keys_B,
             )  # fmt: skip
             drafts_BP = proposal.tokens_BP
         else:
@@ -128,7 +133,7 @@ def _generate(target_graph, target_state, drafter_graph, drafter_state, prompts_
         else:
             p_BTV = sampling_lib.target_probs(out.logits, sampling)
             q_BPV = sampling_lib.draft_probs(proposal.logits_BPV, sampling.temperature) if draft_len else p_BTV[:, :0]
-            accepted_B, tokens_BT = sampling_lib.verify_sampled(p_BTV, q_BPV, drafts_BP, verify_rng)
+            accepted_B, tokens_BT = sampling_lib.verify_sampled(p_BTV, q_BPV, drafts_BP, verify_keys_B)
         count_B = accepted_B + 1
         is_stop_BT = jnp.isin(tokens_BT, stop) & (jnp.arange(draft_len + 1) < count_B[:, None])
         hit_stop_B = jnp.any(is_stop_BT, axis=1)
@@ -152,7 +157,7 @@ def _generate(target_graph, target_state, drafter_graph, drafter_state, prompts_
             hidden=jnp.where(s.done[:, None], s.hidden, out.hidden[rows, accepted_B]),
             result=result,
             done=done,
-            rng=rng,
+            keys=keys_B,
             round=s.round + 1,
         )
 

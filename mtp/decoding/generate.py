@@ -69,9 +69,14 @@ def check_inputs(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[S
 
 def generate(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Sequence[int]], *, draft_len: int = 0,
              max_new_tokens: int = 64, sampling: Sampling = GREEDY, stop_tokens: Sequence[int] = GEMMA4_STOP_TOKENS,
-             seed: int = 0, max_cache_len: int | None = None,
+             seed: int = 0, first_row: int = 0, max_cache_len: int | None = None,
              pad_multiple: int = 16) -> tuple[list[Generation], DecodeResult]:  # fmt: skip
-    """Decodes one batch of ragged prompts (right-padded to a multiple of ``pad_multiple`` to reuse compilations)."""
+    """Decodes one batch of ragged prompts (right-padded to a multiple of ``pad_multiple`` to reuse compilations).
+
+    Sampling draws row i from its own stream ``fold_in(key(seed), first_row + i)``: a caller that splits a prompt
+    list into batches passes each batch's offset in the list, so a prompt's samples depend on the seed and its
+    place in the list, never on the batch size, and no two prompts share a stream.
+    """
     check_inputs(target, drafter, prompts, draft_len=draft_len, max_new_tokens=max_new_tokens,
                  max_cache_len=max_cache_len)  # fmt: skip
     lengths = np.array([len(p) for p in prompts], np.int32)
@@ -80,9 +85,10 @@ def generate(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Seque
         padded[row, : len(prompt)] = prompt
     target_graph, target_state = nnx.split(target)
     drafter_graph, drafter_state = nnx.split(drafter) if draft_len else (None, None)
+    row_ids = np.arange(first_row, first_row + len(prompts), dtype=np.int32)
     result = _generate(
         target_graph, target_state, drafter_graph, drafter_state, padded, lengths, stop_token_array(tuple(stop_tokens)),
-        jax.random.key(seed), draft_len=draft_len, max_new_tokens=max_new_tokens, sampling=sampling,
+        np.uint32(seed), row_ids, draft_len=draft_len, max_new_tokens=max_new_tokens, sampling=sampling,
     )  # fmt: skip
     result = jax.device_get(result)
     outputs = []
@@ -98,6 +104,15 @@ def generate(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Seque
             )
         )
     return outputs, result
+
+
+def generate_in_batches(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Sequence[int]], *,
+                        batch_size: int, **kwargs) -> list[Generation]:  # fmt: skip
+    """``generate`` over consecutive batches of ``batch_size`` prompts, each row keeping its list index's stream."""
+    outputs: list[Generation] = []
+    for start in range(0, len(prompts), batch_size):
+        outputs += generate(target, drafter, prompts[start : start + batch_size], first_row=start, **kwargs)[0]
+    return outputs
 
 
 def summarize(outputs: Sequence[Generation], draft_len: int, wall_seconds: float) -> dict:

@@ -1,4 +1,8 @@
-"""Token selection and lossless verification of drafts (Leviathan et al. 2023; Chen et al. 2023)."""
+"""Token selection and lossless verification of drafts (Leviathan et al. 2023; Chen et al. 2023).
+
+Randomness is per row: every function that draws takes one PRNG key per batch row (``keys_B``), so a row's
+samples depend only on its own key, never on which other rows share its batch.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +51,21 @@ def draft_probs(logits_BPV: Float[Array, "B P V"], temperature: float) -> Float[
     return jax.nn.softmax(logits_BPV.astype(jnp.float32) / temperature, axis=-1)
 
 
+def row_keys(seed: int, row_ids_B: Int[Array, " B"]) -> jax.Array:
+    """One independent stream per row, from the seed and the row's global index (its place in the prompt list)."""
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids_B)
+
+
+def split_rows(keys_B: jax.Array, num: int) -> jax.Array:
+    """``num`` fresh keys for every row: ``[num, B]``."""
+    return jax.vmap(lambda key: jax.random.split(key, num), out_axes=1)(keys_B)
+
+
+def categorical_rows(keys_B: jax.Array, logits_BV: Float[Array, "B V"]) -> Int[Array, " B"]:
+    """One sample per row from ``softmax(logits)``, row b drawn with its own key."""
+    return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
+
+
 def leading_true(mask_BP: jax.Array) -> Int[Array, " B"]:
     """How many entries of each row are True before the first False."""
     return jnp.sum(jnp.cumprod(mask_BP.astype(jnp.int32), axis=-1), axis=-1)
@@ -63,27 +82,31 @@ def verify_greedy(logits_BTV: jax.Array, drafts_BP: jax.Array) -> tuple[jax.Arra
     return leading_true(drafts_BP == chosen_BT[:, :num_drafts]), chosen_BT
 
 
+def residual(p_BV: Float[Array, "B V"], q_BV: Float[Array, "B V"]) -> Float[Array, "B V"]:
+    """Where a rejected draft is resampled from: normalise(max(p - q, 0))."""
+    residual_BV = jnp.maximum(p_BV - q_BV, 0.0)
+    total_B1 = jnp.sum(residual_BV, axis=-1, keepdims=True)
+    # total == 0 only when p == q at that position, where rejection has probability 0; fall back to p.
+    return jnp.where(total_B1 > 0, residual_BV / jnp.where(total_B1 > 0, total_B1, 1.0), p_BV)
+
+
 def verify_sampled(
-    p_BTV: jax.Array, q_BPV: jax.Array, drafts_BP: jax.Array, rng: jax.Array
+    p_BTV: jax.Array, q_BPV: jax.Array, drafts_BP: jax.Array, keys_B: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Speculative sampling: keep draft i with probability min(1, p/q); resample the first rejection from
     normalise(max(p - q, 0)); if every draft is kept, draw a bonus token from p. The output tokens are then
-    distributed exactly as sampling from p one token at a time.
+    distributed exactly as sampling from p one token at a time. ``keys_B`` holds one PRNG key per row.
     """
     batch, num_drafts = drafts_BP.shape
-    accept_rng, token_rng = jax.random.split(rng)
+    accept_keys_B, token_keys_B = split_rows(keys_B, 2)
     p_draft = jnp.take_along_axis(p_BTV[:, :num_drafts], drafts_BP[..., None], axis=-1)[..., 0]
     q_draft = jnp.take_along_axis(q_BPV, drafts_BP[..., None], axis=-1)[..., 0]
-    uniform = jax.random.uniform(accept_rng, (batch, num_drafts))
+    uniform = jax.vmap(lambda key: jax.random.uniform(key, (num_drafts,)))(accept_keys_B)
     accepted = leading_true(uniform * q_draft <= p_draft)
     q_padded = jnp.concatenate([q_BPV, jnp.zeros_like(p_BTV[:, :1])], axis=1)  # no q after the last draft
     p_next = jnp.take_along_axis(p_BTV, accepted[:, None, None], axis=1)[:, 0]
     q_next = jnp.take_along_axis(q_padded, accepted[:, None, None], axis=1)[:, 0]
-    residual = jnp.maximum(p_next - q_next, 0.0)
-    total = jnp.sum(residual, axis=-1, keepdims=True)
-    # total == 0 only when p == q at that position, where rejection has probability 0; fall back to p.
-    residual = jnp.where(total > 0, residual / jnp.where(total > 0, total, 1.0), p_next)
-    token = jax.random.categorical(token_rng, jnp.log(residual), axis=-1).astype(jnp.int32)
+    token = categorical_rows(token_keys_B, jnp.log(residual(p_next, q_next)))
     tokens_BT = jnp.concatenate([drafts_BP, jnp.zeros((batch, 1), jnp.int32)], axis=1)
     tokens_BT = jnp.where(jnp.arange(num_drafts + 1) == accepted[:, None], token[:, None], tokens_BT)
     return accepted, tokens_BT

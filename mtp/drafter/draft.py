@@ -31,7 +31,7 @@ def draft(
     *,
     num_tokens: int,
     temperature: float = 0.0,
-    rng: jax.Array | None = None,
+    keys_B: jax.Array | None = None,
     dtype: jnp.dtype = jnp.float32,
 ) -> Draft:
     """``num_tokens`` (static) draft steps in a ``lax.scan``, all at the constant query ``position_B``.
@@ -39,8 +39,9 @@ def draft(
     ``token_B`` is the newest token (at ``position_B``, not yet seen by the target), ``hidden_BD`` the target's
     last hidden state at the position before it, ``target_kv`` its K/V (the drafter sees slots < position).
     Step j feeds ``(target.embed_tokens(tok_j), h_j)``; ``tok_{j+1}`` is the argmax (temperature 0) or a sample
-    of ``softmax(logits / temperature)``; ``h_{j+1}`` is the step's projected state. The logits are raw (no
-    temperature): the decode loop turns them into the proposal distribution.
+    of ``softmax(logits / temperature)`` drawn with the row's own key from ``keys_B`` (one PRNG key per row, so a
+    row's drafts never depend on the other rows of its batch); ``h_{j+1}`` is the step's projected state. The
+    logits are raw (no temperature): the decode loop turns them into the proposal distribution.
     """
     max_len = drafter.config.max_draft_len
     if not 1 <= num_tokens <= max_len:
@@ -48,22 +49,25 @@ def draft(
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy).")
     sampling = temperature > 0
-    if sampling and rng is None:
-        raise ValueError(f"temperature={temperature} samples the draft tokens: pass a PRNG key as rng.")
+    if sampling and (keys_B is None or keys_B.shape != token_B.shape):
+        raise ValueError(
+            f"temperature={temperature} samples the draft tokens: pass one PRNG key per row as keys_B "
+            f"(shape {token_B.shape}), e.g. jax.random.split(key, batch)."
+        )
     positions_B1 = position_B[:, None].astype(jnp.int32)
 
-    def step(carry, key):
+    def step(carry, keys_B):
         token_B, hidden_BU = carry
         out = drafter(target.embed_tokens(token_B[:, None]), hidden_BU[:, None], positions_B1, target_kv, dtype=dtype)
         logits_BV = out.logits_BTV[:, 0]
         if sampling:
-            next_B = jax.random.categorical(key, logits_BV.astype(jnp.float32) / temperature, axis=-1)
+            next_B = jax.vmap(jax.random.categorical)(keys_B, logits_BV.astype(jnp.float32) / temperature)
         else:
             next_B = jnp.argmax(logits_BV, axis=-1)
         next_B = next_B.astype(jnp.int32)
         return (next_B, out.projected_BTD[:, 0]), (next_B, logits_BV)
 
-    keys = jax.random.split(rng, num_tokens) if sampling else None
+    keys_PB = jax.vmap(lambda key: jax.random.split(key, num_tokens), out_axes=1)(keys_B) if sampling else None
     carry = (token_B.astype(jnp.int32), hidden_BD.astype(dtype))
-    _, (tokens_PB, logits_PBV) = jax.lax.scan(step, carry, keys, length=num_tokens)
+    _, (tokens_PB, logits_PBV) = jax.lax.scan(step, carry, keys_PB, length=num_tokens)
     return Draft(tokens_BP=tokens_PB.T, logits_BPV=jnp.swapaxes(logits_PBV, 0, 1))

@@ -38,7 +38,7 @@ def exact_and_sampled(verify, num_samples=60_000, vocab=3, drafts=2, seed=0):
     draft_tokens = jax.random.categorical(key_draft, jnp.log(jnp.asarray(q)), shape=(num_samples, drafts))
     p_b = jnp.broadcast_to(jnp.asarray(p), (num_samples, drafts + 1, vocab))
     q_b = jnp.broadcast_to(jnp.asarray(q), (num_samples, drafts, vocab))
-    accepted, tokens = verify(p_b, q_b, draft_tokens.astype(jnp.int32), key_verify)
+    accepted, tokens = verify(p_b, q_b, draft_tokens.astype(jnp.int32), jax.random.split(key_verify, num_samples))
     # The first output token always exists; the second one only when the first draft was accepted.
     first = np.asarray(tokens[:, 0])
     observed_first = np.bincount(first, minlength=vocab)
@@ -59,21 +59,13 @@ def test_speculative_sampling_reproduces_the_target_distribution():
     assert chi_square_p(first, p[0]) > 1e-3
 
 
-def test_the_test_catches_a_broken_rule():
+def test_the_test_catches_a_broken_rule(monkeypatch):
     """Resampling a rejection from p instead of normalise(max(p - q, 0)) biases the output."""
 
-    def broken(p, q, drafts, rng):
-        batch, num = drafts.shape
-        accept_rng, token_rng = jax.random.split(rng)
-        p_d = jnp.take_along_axis(p[:, :num], drafts[..., None], -1)[..., 0]
-        q_d = jnp.take_along_axis(q, drafts[..., None], -1)[..., 0]
-        accepted = sampling.leading_true(jax.random.uniform(accept_rng, (batch, num)) * q_d <= p_d)
-        p_next = jnp.take_along_axis(p, accepted[:, None, None], 1)[:, 0]
-        token = jax.random.categorical(token_rng, jnp.log(p_next)).astype(jnp.int32)
-        tokens = jnp.concatenate([drafts, jnp.zeros((batch, 1), jnp.int32)], 1)
-        return accepted, jnp.where(jnp.arange(num + 1) == accepted[:, None], token[:, None], tokens)
-
-    p, first, _, _ = exact_and_sampled(broken)
+    p, first, _, _ = exact_and_sampled(sampling.verify_sampled)
+    assert chi_square_p(first, p[0]) > 1e-3
+    monkeypatch.setattr(sampling, "residual", lambda p, q: p)
+    p, first, _, _ = exact_and_sampled(sampling.verify_sampled)
     assert chi_square_p(first, p[0]) < 1e-6
 
 

@@ -18,8 +18,9 @@ POSITION, STEPS = 12, 3
 
 
 @functools.partial(nnx.jit, static_argnames=("num_tokens", "temperature"))
-def jit_draft(drafter, target, token, hidden, position, kv, num_tokens, temperature=0.0, rng=None):
-    return draft(drafter, target, token, hidden, position, kv, num_tokens=num_tokens, temperature=temperature, rng=rng)
+def jit_draft(drafter, target, token, hidden, position, kv, num_tokens, temperature=0.0, keys=None):
+    return draft(drafter, target, token, hidden, position, kv, num_tokens=num_tokens, temperature=temperature,
+                 keys_B=keys)  # fmt: skip
 
 
 def hf_greedy_loop(hf_target, hf_assistant, token, hidden, shared_kv, steps):
@@ -91,8 +92,12 @@ def test_sampled_draft(targets, assistants):
     args = (drafter, target, jnp.asarray(ids[:, POSITION]), jnp.asarray(hidden[:, 0]), jnp.full((2,), POSITION),
             layer_kv(shared_kv), 4)  # fmt: skip
     greedy = jit_draft(*args)
-    samples = [jit_draft(*args, temperature=2.0, rng=jax.random.key(seed)) for seed in range(4)]
-    again = jit_draft(*args, temperature=2.0, rng=jax.random.key(0))
+    samples = [jit_draft(*args, temperature=2.0, keys=jax.random.split(jax.random.key(seed), 2)) for seed in range(4)]
+    again = jit_draft(*args, temperature=2.0, keys=jax.random.split(jax.random.key(0), 2))
+    # Rows draw from their own keys only: row 1 alone with its key drafts what it drafted beside row 0.
+    row_1 = jax.tree.map(lambda x: x[1:], args[2:6])
+    alone = jit_draft(*args[:2], *row_1, 4, temperature=2.0, keys=jax.random.split(jax.random.key(0), 2)[1:])
+    np.testing.assert_array_equal(np.asarray(alone.tokens_BP[0]), np.asarray(samples[0].tokens_BP[1]))
     np.testing.assert_array_equal(np.asarray(again.tokens_BP), np.asarray(samples[0].tokens_BP))
     assert any(not np.array_equal(s.tokens_BP, greedy.tokens_BP) for s in samples)
     assert any(not np.array_equal(s.tokens_BP, samples[0].tokens_BP) for s in samples[1:])
