@@ -32,7 +32,7 @@ class DecodeResult:
     tokens: jax.Array  # [B, max_new_tokens], valid up to num_generated
     num_generated: jax.Array  # [B]
     drafts: jax.Array  # [B, R, P] tokens the drafter proposed each round
-    accepted: jax.Array  # [B, R] drafts the target accepted each round
+    accepted: jax.Array  # [B, R] accepted drafts each round kept (none past a stop token or the token limit)
     produced: jax.Array  # [B, R] tokens each round added (accepted + 1, less at a stop or the limit)
     active: jax.Array  # [B, R] whether the row took part in the round
     target_forwards: jax.Array  # [B] target forwards after the prefill
@@ -84,24 +84,49 @@ def stop_token_array(stop_tokens: tuple[int, ...]) -> jax.Array:
     return jnp.array(list(stop_tokens) + [-1] * (MAX_STOP_TOKENS - len(stop_tokens)), jnp.int32)
 
 
+def round_counts(accepted_B: jax.Array, tokens_BT: jax.Array, stop: jax.Array,
+                 remaining_B: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """What a round keeps: the tokens it adds (accepted drafts and the target's own token, cut after the first stop
+    token and at the token limit), how many of those are drafts, and whether it stopped on a stop token."""
+    count_B = accepted_B + 1
+    is_stop_BT = jnp.isin(tokens_BT, stop) & (jnp.arange(tokens_BT.shape[1]) < count_B[:, None])
+    hit_stop_B = jnp.any(is_stop_BT, axis=1)
+    count_B = jnp.minimum(jnp.where(hit_stop_B, jnp.argmax(is_stop_BT, axis=1) + 1, count_B), remaining_B)
+    return count_B, jnp.minimum(accepted_B, count_B), hit_stop_B
+
+
 @functools.partial(
-    jax.jit, static_argnames=("target_graph", "drafter_graph", "draft_len", "max_new_tokens", "sampling")
+    jax.jit, static_argnames=("target_graph", "drafter_graph", "draft_len", "max_new_tokens", "sampling", "dtype")
 )
-def _generate(target_graph, target_state, drafter_graph, drafter_state, prompts_BL, lengths_B, stop, seed, row_ids_B,
-              *, draft_len: int, max_new_tokens: int, sampling: Sampling) -> DecodeResult:  # fmt: skip
+def _generate(
+    target_graph,
+    target_state,
+    drafter_graph,
+    drafter_state,
+    prompts_BL,
+    lengths_B,
+    stop,
+    seed,
+    row_ids_B,
+    *,
+    draft_len: int,
+    max_new_tokens: int,
+    sampling: Sampling,
+    dtype: jnp.dtype,
+) -> DecodeResult:
     target = nnx.merge(target_graph, target_state)
     drafter = nnx.merge(drafter_graph, drafter_state) if draft_len else None
     batch, prompt_len = prompts_BL.shape
     rows = jnp.arange(batch)
     cache = KVCache.init(
         target.config, batch, prompt_len + max_new_tokens + draft_len + 1, max_chunk=draft_len + 1,
-        dtype=jax.tree.leaves(target_state)[0].dtype,
+        dtype=dtype,
     )  # fmt: skip
-    out, cache = target(prompts_BL, cache, num_valid_B=lengths_B, return_logits=False, prefill=True)
+    out, cache = target(prompts_BL, cache, num_valid_B=lengths_B, return_logits=False, prefill=True, dtype=dtype)
     cache = cache.commit(lengths_B)
     hidden_BD = out.hidden[rows, lengths_B - 1]
     keys_B, first_keys_B = _split(sampling_lib.row_keys(seed, row_ids_B), 2, sampling)
-    first_B = _pick(target.logits(hidden_BD[:, None])[:, 0], sampling, first_keys_B)
+    first_B = _pick(target.logits(hidden_BD[:, None])[:, 0].astype(jnp.float32), sampling, first_keys_B)
     rounds = max_new_tokens
     result = DecodeResult(
         tokens=jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first_B),
@@ -121,31 +146,30 @@ def _generate(target_graph, target_state, drafter_graph, drafter_state, prompts_
         if draft_len:
             proposal = draft(
                 drafter, target, s.last_token, s.hidden, position_B, drafter_kv_from_cache(target.config, s.cache),
-                num_tokens=draft_len, temperature=sampling.temperature, keys_B=draft_keys_B,
+                num_tokens=draft_len, temperature=sampling.temperature, keys_B=draft_keys_B, dtype=dtype,
+                sample_logits=lambda logits_BV: sampling_lib.processed_logits(logits_BV[:, None], sampling)[:, 0],
             )  # fmt: skip
             drafts_BP = proposal.tokens_BP
         else:
             drafts_BP = jnp.zeros((batch, 0), jnp.int32)
         chunk_BT = jnp.concatenate([s.last_token[:, None], drafts_BP], axis=1)
-        out, cache = target(chunk_BT, s.cache)
+        out, cache = target(chunk_BT, s.cache, dtype=dtype)
+        logits_BTV = out.logits.astype(jnp.float32)
         if sampling.greedy:
-            accepted_B, tokens_BT = sampling_lib.verify_greedy(out.logits, drafts_BP)
+            accepted_B, tokens_BT = sampling_lib.verify_greedy(logits_BTV, drafts_BP)
         else:
-            p_BTV = sampling_lib.target_probs(out.logits, sampling)
-            q_BPV = sampling_lib.draft_probs(proposal.logits_BPV, sampling.temperature) if draft_len else p_BTV[:, :0]
+            p_BTV = sampling_lib.target_probs(logits_BTV, sampling)
+            q_BPV = sampling_lib.target_probs(proposal.logits_BPV, sampling) if draft_len else p_BTV[:, :0]
             accepted_B, tokens_BT = sampling_lib.verify_sampled(p_BTV, q_BPV, drafts_BP, verify_keys_B)
-        count_B = accepted_B + 1
-        is_stop_BT = jnp.isin(tokens_BT, stop) & (jnp.arange(draft_len + 1) < count_B[:, None])
-        hit_stop_B = jnp.any(is_stop_BT, axis=1)
-        count_B = jnp.where(hit_stop_B, jnp.argmax(is_stop_BT, axis=1) + 1, count_B)
         r = s.result
-        count_B = jnp.where(s.done, 0, jnp.minimum(count_B, max_new_tokens - r.num_generated))
+        count_B, used_B, hit_stop_B = round_counts(accepted_B, tokens_BT, stop, max_new_tokens - r.num_generated)
         active_B = ~s.done
+        count_B, used_B = jnp.where(active_B, count_B, 0), jnp.where(active_B, used_B, 0)
         result = DecodeResult(
             tokens=_append(r.tokens, tokens_BT, r.num_generated, count_B),
             num_generated=r.num_generated + count_B,
             drafts=r.drafts.at[:, s.round].set(jnp.where(active_B[:, None], drafts_BP, 0)),
-            accepted=r.accepted.at[:, s.round].set(jnp.where(active_B, accepted_B, 0)),
+            accepted=r.accepted.at[:, s.round].set(used_B),
             produced=r.produced.at[:, s.round].set(count_B),
             active=r.active.at[:, s.round].set(active_B),
             target_forwards=r.target_forwards + active_B,

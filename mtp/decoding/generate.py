@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -69,13 +70,17 @@ def check_inputs(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[S
 
 def generate(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Sequence[int]], *, draft_len: int = 0,
              max_new_tokens: int = 64, sampling: Sampling = GREEDY, stop_tokens: Sequence[int] = GEMMA4_STOP_TOKENS,
-             seed: int = 0, first_row: int = 0, max_cache_len: int | None = None,
-             pad_multiple: int = 16) -> tuple[list[Generation], DecodeResult]:  # fmt: skip
+             seed: int = 0, first_row: int = 0, max_cache_len: int | None = None, pad_multiple: int = 16,
+             dtype: jnp.dtype | None = None) -> tuple[list[Generation], DecodeResult]:  # fmt: skip
     """Decodes one batch of ragged prompts (right-padded to a multiple of ``pad_multiple`` to reuse compilations).
 
     Sampling draws row i from its own stream ``fold_in(key(seed), first_row + i)``: a caller that splits a prompt
     list into batches passes each batch's offset in the list, so a prompt's samples depend on the seed and its
     place in the list, never on the batch size, and no two prompts share a stream.
+
+    ``dtype`` (default: the target's parameter dtype, i.e. the checkpoint's as loaded) is the compute and KV-cache
+    dtype; logits, softmax and the acceptance test always run in float32. On CPU load and decode in float32 (a
+    bf16 dot with one row takes a slow XLA:CPU path); on GPU/TPU, bf16.
     """
     check_inputs(target, drafter, prompts, draft_len=draft_len, max_new_tokens=max_new_tokens,
                  max_cache_len=max_cache_len)  # fmt: skip
@@ -89,6 +94,7 @@ def generate(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Seque
     result = _generate(
         target_graph, target_state, drafter_graph, drafter_state, padded, lengths, stop_token_array(tuple(stop_tokens)),
         np.uint32(seed), row_ids, draft_len=draft_len, max_new_tokens=max_new_tokens, sampling=sampling,
+        dtype=jnp.dtype(dtype or target.embed[...].dtype),
     )  # fmt: skip
     result = jax.device_get(result)
     outputs = []

@@ -30,8 +30,8 @@ class Sampling:
         return self.temperature == 0.0
 
 
-def target_probs(logits_BTV: Float[Array, "B T V"], sampling: Sampling) -> Float[Array, "B T V"]:
-    """The distribution the target samples from: softmax(logits / T) restricted to the top-k / top-p set."""
+def processed_logits(logits_BTV: Float[Array, "B T V"], sampling: Sampling) -> Float[Array, "B T V"]:
+    """float32 ``logits / T`` with -inf outside the top-k / top-p set: what both target and drafter sample from."""
     logits = logits_BTV.astype(jnp.float32) / sampling.temperature
     if sampling.top_k:
         kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
@@ -43,12 +43,16 @@ def target_probs(logits_BTV: Float[Array, "B T V"], sampling: Sampling) -> Float
         # The smallest logit still inside the nucleus: every token whose preceding mass is below top_p.
         cutoff = jnp.min(jnp.where(mass_before < sampling.top_p, sorted_desc, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.nn.softmax(logits, axis=-1)
+    return logits
 
 
-def draft_probs(logits_BPV: Float[Array, "B P V"], temperature: float) -> Float[Array, "B P V"]:
-    """The drafter's proposal distribution q: the one its sampled drafts are drawn from."""
-    return jax.nn.softmax(logits_BPV.astype(jnp.float32) / temperature, axis=-1)
+def target_probs(logits_BTV: Float[Array, "B T V"], sampling: Sampling) -> Float[Array, "B T V"]:
+    """The distribution the target samples from: softmax(logits / T) restricted to the top-k / top-p set.
+
+    The drafter's proposal q is the same transform of its own logits (it drafts from the filtered distribution:
+    still lossless, and no draft is wasted on a token the target can never pick).
+    """
+    return jax.nn.softmax(processed_logits(logits_BTV, sampling), axis=-1)
 
 
 def row_keys(seed: int, row_ids_B: Int[Array, " B"]) -> jax.Array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ def draft(
     num_tokens: int,
     temperature: float = 0.0,
     keys_B: jax.Array | None = None,
+    sample_logits: Callable[[jax.Array], jax.Array] | None = None,
     dtype: jnp.dtype = jnp.float32,
 ) -> Draft:
     """``num_tokens`` (static) draft steps in a ``lax.scan``, all at the constant query ``position_B``.
@@ -39,9 +41,10 @@ def draft(
     ``token_B`` is the newest token (at ``position_B``, not yet seen by the target), ``hidden_BD`` the target's
     last hidden state at the position before it, ``target_kv`` its K/V (the drafter sees slots < position).
     Step j feeds ``(target.embed_tokens(tok_j), h_j)``; ``tok_{j+1}`` is the argmax (temperature 0) or a sample
-    of ``softmax(logits / temperature)`` drawn with the row's own key from ``keys_B`` (one PRNG key per row, so a
-    row's drafts never depend on the other rows of its batch); ``h_{j+1}`` is the step's projected state. The
-    logits are raw (no temperature): the decode loop turns them into the proposal distribution.
+    of ``softmax(sample_logits(logits))`` (default ``logits / temperature``; the decode loop passes its top-k /
+    top-p filter too) drawn with the row's own key from ``keys_B`` (one PRNG key per row, so a row's drafts never
+    depend on the other rows of its batch); ``h_{j+1}`` is the step's projected state. The returned logits are
+    raw: the decode loop turns them into the proposal distribution with the same transform.
     """
     max_len = drafter.config.max_draft_len
     if not 1 <= num_tokens <= max_len:
@@ -55,13 +58,15 @@ def draft(
             f"(shape {token_B.shape}), e.g. jax.random.split(key, batch)."
         )
     positions_B1 = position_B[:, None].astype(jnp.int32)
+    if sample_logits is None:
+        sample_logits = lambda logits_BV: logits_BV.astype(jnp.float32) / temperature
 
     def step(carry, keys_B):
         token_B, hidden_BU = carry
         out = drafter(target.embed_tokens(token_B[:, None]), hidden_BU[:, None], positions_B1, target_kv, dtype=dtype)
         logits_BV = out.logits_BTV[:, 0]
         if sampling:
-            next_B = jax.vmap(jax.random.categorical)(keys_B, logits_BV.astype(jnp.float32) / temperature)
+            next_B = jax.vmap(jax.random.categorical)(keys_B, sample_logits(logits_BV))
         else:
             next_B = jnp.argmax(logits_BV, axis=-1)
         next_B = next_B.astype(jnp.int32)

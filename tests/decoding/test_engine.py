@@ -1,10 +1,17 @@
 """The decode engine: speculative output is the target's, for every kind, batch shape and acceptance path."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from mtp.checkpoint import load_target
-from mtp.decoding.generate import DecodeInputError, generate, summarize
+from mtp.decoding import engine
+from mtp.decoding.engine import round_counts, stop_token_array
+from mtp.decoding.generate import GREEDY, DecodeInputError, generate, summarize
+from mtp.target.config import FULL, SLIDING, Gemma4Config
+from mtp.target.model import Gemma4
 from tests import hf_oracle
 from tests.decoding.drafters import copy_drafter, random_drafter
 
@@ -43,14 +50,16 @@ def test_greedy_speculative_equals_greedy_autoregressive(target_pair, batch, mak
     prompts = prompts_of(batch, seed=batch)
     plain, _ = generate(target, None, prompts, max_new_tokens=MAX_NEW, stop_tokens=())
     drafter = make_drafter(target)
-    spec, _ = generate(target, drafter, prompts, draft_len=3, max_new_tokens=MAX_NEW, stop_tokens=())
-    for a, b in zip(plain, spec, strict=True):
-        assert a.token_ids == b.token_ids, kind
-        assert sum(b.produced_per_round) == MAX_NEW - 1
-    accepted = [n for o in spec for n in o.accepted_per_round]
-    if make_drafter is copy_drafter:
-        assert max(accepted) >= 1, "the copying drafter should get drafts accepted"
-        assert min(accepted) < 3, "and some rejected, so every acceptance path runs"
+    # Every draft length 1-4 with the copying drafter (accepted drafts); the random one at 3 (rejections).
+    for draft_len in (1, 2, 3, 4) if make_drafter is copy_drafter else (3,):
+        spec, _ = generate(target, drafter, prompts, draft_len=draft_len, max_new_tokens=MAX_NEW, stop_tokens=())
+        for a, b in zip(plain, spec, strict=True):
+            assert a.token_ids == b.token_ids, (kind, draft_len)
+            assert sum(b.produced_per_round) == MAX_NEW - 1
+        accepted = [n for o in spec for n in o.accepted_per_round]
+        if make_drafter is copy_drafter and draft_len == 3:
+            assert max(accepted) >= 1, "the copying drafter should get drafts accepted"
+            assert min(accepted) < 3, "and some rejected, so every acceptance path runs"
 
 
 def test_stop_tokens_end_each_row_on_its_own(target_pair):
@@ -64,6 +73,77 @@ def test_stop_tokens_end_each_row_on_its_own(target_pair):
         for reference, output in zip(free, outputs, strict=True):
             cut = reference.token_ids.index(stop) + 1 if stop in reference.token_ids else MAX_NEW
             assert output.token_ids == reference.token_ids[:cut], (kind, draft_len)
+
+
+def test_acceptance_counts_no_draft_past_a_stop_token_or_the_limit(target_pair):
+    """Each round's accepted drafts are among the tokens it kept: produced = accepted + 1, except in a round cut by
+    a stop token or the token limit, where accepted <= produced (and the cut drafts are not counted)."""
+    kind, _, target = target_pair
+    prompts = prompts_of(4, seed=7)
+    drafter = copy_drafter(target)
+    free, _ = generate(target, drafter, prompts, draft_len=4, max_new_tokens=MAX_NEW, stop_tokens=())
+    stop = free[0].token_ids[5]
+    for max_new in (MAX_NEW, 7):
+        outputs, _ = generate(target, drafter, prompts, draft_len=4, max_new_tokens=max_new, stop_tokens=(stop,))
+        for output in outputs:
+            *middle, last = zip(output.accepted_per_round, output.produced_per_round, strict=True)
+            assert all(produced == accepted + 1 for accepted, produced in middle), kind
+            assert last[0] <= last[1] and sum(output.produced_per_round) == len(output.token_ids) - 1, kind
+
+
+def test_round_counts_cut_at_a_stop_token_and_at_the_limit():
+    stop = stop_token_array((9,))
+    accepted = jnp.array([3, 3, 3, 1, 0])
+    tokens = jnp.array([[5, 9, 7, 8], [5, 6, 7, 8], [5, 6, 7, 9], [9, 6, 7, 8], [5, 6, 7, 8]])
+    remaining = jnp.array([10, 2, 10, 10, 10])
+    count, used, hit_stop = round_counts(accepted, tokens, stop, remaining)
+    # stop at draft 2 of 3 accepted; limit of 2 cuts 3 accepted drafts; stop on the target's own token;
+    # stop on the first (accepted) draft; stop tokens after the kept ones are ignored.
+    assert count.tolist() == [2, 2, 4, 1, 1]
+    assert used.tolist() == [2, 2, 3, 1, 0]
+    assert hit_stop.tolist() == [True, False, True, True, False]
+
+
+def in_dtype(module: nnx.Module, dtype) -> nnx.Module:
+    graph, state = nnx.split(module)
+    return nnx.merge(graph, jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                         state))  # fmt: skip
+
+
+def test_a_bf16_target_decodes_in_bf16_and_matches_float32():
+    """The loop runs in the checkpoint's dtype (bf16 cache and compute, float32 logits) and, on a fixture whose
+    greedy choices have clear margins, picks the same tokens as float32."""
+    config = Gemma4Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+        global_head_dim=16, layer_types=(SLIDING, FULL), sliding_window=4,
+    )  # fmt: skip
+    f32 = Gemma4(config, rngs=nnx.Rngs(2))
+    f32.final_norm.weight[...] = f32.final_norm.weight[...] * 3.0  # sharper logits: wide greedy margins
+    bf16 = in_dtype(f32, jnp.bfloat16)
+    prompts = [np.random.default_rng(3).integers(3, 64, n).tolist() for n in (11, 4, 17, 1)]
+    want, _ = generate(target=f32, drafter=None, prompts=prompts, max_new_tokens=12, stop_tokens=())
+    # Clear margins: along the float32 path, every greedy choice beats the runner-up by a wide logit gap.
+    margins = []
+    for prompt, output in zip(prompts, want, strict=True):
+        logits = np.asarray(f32(jnp.asarray([prompt + output.token_ids]))[0].logits[0, len(prompt) - 1 : -1])
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        margins.append(np.min(top2[:, 1] - top2[:, 0]))
+    assert min(margins) > 1.0, f"fixture margins too small for a bf16 comparison: {margins}"
+    drafter = in_dtype(random_drafter(f32), jnp.bfloat16)
+    for draft_len, d in ((0, None), (3, drafter)):
+        got, _ = generate(bf16, d, prompts, draft_len=draft_len, max_new_tokens=12, stop_tokens=())
+        assert [o.token_ids for o in got] == [o.token_ids for o in want], draft_len
+    target_graph, target_state = nnx.split(bf16)
+    traced = engine._generate.trace(
+        target_graph, target_state, None, None, jnp.zeros((1, 16), jnp.int32), jnp.array([5]), stop_token_array((1,)),
+        np.uint32(0), jnp.zeros((1,), jnp.int32), draft_len=0, max_new_tokens=12, sampling=GREEDY,
+        dtype=jnp.dtype(jnp.bfloat16),
+    )  # fmt: skip
+    loop = next(e for e in traced.jaxpr.eqns if e.primitive.name == "while")
+    caches = [v.aval.dtype for v in loop.outvars if v.aval.ndim == 4]  # K/V cache [B, K, S, H]
+    assert caches and all(dtype == jnp.bfloat16 for dtype in caches)
+    hidden = [v.aval.dtype for v in loop.outvars if v.aval.shape == (1, config.hidden_size)]  # the compute dtype
+    assert hidden == [jnp.bfloat16]
 
 
 def test_bad_inputs_fail_before_any_work(target_pair):
