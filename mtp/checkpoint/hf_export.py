@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from mtp.checkpoint.hf_target import target_layouts
-from mtp.checkpoint.safetensors_write import save_safetensors
+from mtp.checkpoint.safetensors_io import save_safetensors
 from mtp.target.config import Gemma4Config, decoder_fields_to_hf
 from mtp.target.model import Gemma4
 

@@ -1,33 +1,33 @@
-"""Streaming, validating reader for Hugging Face safetensors checkpoints (never pickle), plus the writer."""
+"""Hugging Face safetensors checkpoints through the ``safetensors`` library, with errors that say what to fix.
+
+Reading: ``safe_open(file, "numpy").get_slice(key)[index]`` reads only the bytes of one device's shard (bf16
+comes back as ``ml_dtypes.bfloat16``). Writing: ``safetensors.numpy.save_file`` per shard, split as
+``huggingface_hub`` splits (with the index json), each file written beside its destination and renamed into place.
+On top sit the checks the library leaves to us: pickle files refused with the conversion command, indexes whose
+shards are missing or disagree, unknown keys with near-miss suggestions.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
-import math
 import os
 import pathlib
 import re
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+import tempfile
+from collections.abc import Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
+from huggingface_hub import split_state_dict_into_shards_factory
 
-from mtp.checkpoint.safetensors_write import DTYPES, INDEX_FILE, SINGLE_FILE, save_safetensors
-
-__all__ = [
-    "DTYPES",
-    "INDEX_FILE",
-    "SINGLE_FILE",
-    "CheckpointError",
-    "SafetensorsCheckpoint",
-    "save_safetensors",
-]
-
-# The reference implementation refuses larger headers; a bigger length prefix means a corrupt or foreign file.
-_MAX_HEADER_BYTES = 100_000_000
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_SHARD_PATTERN = "model{suffix}.safetensors"  # huggingface_hub fills in "-00001-of-00002"
+_OWN_FILES_RE = re.compile(r"model(\.safetensors(\.index\.json)?|-\d{5}-of-\d{5}\.safetensors)")
 _PICKLE_RE = re.compile(r"pytorch_model.*|.*\.(bin|pt|pth|ckpt|pkl)")
 _REDO = "re-download or re-export it"
 _PICKLE_HINT = (
@@ -35,137 +35,81 @@ _PICKLE_HINT = (
     "`AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst, safe_serialization=True)` or "
     "`safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')`"
 )
+# The library's dtype names that its numpy reader handles, as numpy dtypes (bf16 through ml_dtypes; it has no fp8).
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}  # fmt: skip
 
 
 class CheckpointError(ValueError):
     """Bad checkpoint: the message names the file (and key) and says how to fix it."""
 
 
-@dataclass(frozen=True)
-class _TensorInfo:
-    """Where one tensor lives: its file, dtype, shape and byte range within the file's data section."""
-
-    file: pathlib.Path
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    data_start: int
-    begin: int
-    end: int
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """object_pairs_hook for json.loads that rejects repeated keys (json.loads alone keeps the last)."""
-    if len(out := dict(pairs)) != len(pairs):
-        raise ValueError(f"duplicate keys {sorted(k for k, c in Counter(k for k, _ in pairs).items() if c > 1)}")
-    return out
-
-
-def _parse_entry(path: pathlib.Path, key: str, entry: Any, data_start: int, file_size: int) -> _TensorInfo:
-    """Validate one header entry against the dtype table and the file's actual size."""
-    where = f"{path}: tensor {key!r}"
+def _open_file(path: pathlib.Path):
     try:
-        name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        if not isinstance(name, str) or not all(type(v) is int and v >= 0 for v in (*shape, begin, end)):
-            raise ValueError("dtype must be a string, shape and data_offsets ints >= 0")
-    except (TypeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{where}: malformed header entry {entry!r} ({e}); {_REDO}") from e
-    dtype = DTYPES.get(name)
-    if dtype is None:
-        raise CheckpointError(f"{where}: unknown dtype {name!r}; re-save it as one of {', '.join(DTYPES)}")
-    if end - begin != (expected := math.prod(shape) * dtype.itemsize):
-        raise CheckpointError(
-            f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes but {name} {list(shape)} needs "
-            f"{expected}; the header is corrupt, {_REDO}"
-        )
-    if data_start + end > file_size:
-        raise CheckpointError(
-            f"{where}: file is truncated: expected at least {data_start + end} bytes, found {file_size} "
-            f"({data_start + end - file_size} missing); {_REDO}"
-        )
-    return _TensorInfo(path, dtype, shape, data_start, begin, end)
+        return safetensors.safe_open(path, framework="numpy")
+    except (safetensors.SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); {_REDO}") from None
 
 
-def _read_header(path: pathlib.Path) -> tuple[dict[str, _TensorInfo], dict[str, str]]:
-    """Parse and validate one .safetensors file's header (all tensors) without touching tensor data."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-        if not 0 <= n <= min(size - 8, _MAX_HEADER_BYTES):
-            raise CheckpointError(
-                f"{path}: header length {n} does not fit the file's {size} bytes (truncated, or not a "
-                f"safetensors file); {_REDO}"
-            )
-        raw = f.read(n)
+def _index_files(index_path: pathlib.Path) -> dict[str, pathlib.Path]:
+    """model.safetensors.index.json as tensor name -> shard file, every shard checked to exist."""
     try:
-        header = json.loads(raw, object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: invalid header JSON ({e}); {_REDO}") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object; {_REDO}")
-    metadata = header.pop("__metadata__", None) or {}
-    return {key: _parse_entry(path, key, entry, 8 + n, size) for key, entry in header.items()}, metadata
-
-
-def _read_index(index_path: pathlib.Path) -> tuple[dict[str, _TensorInfo], dict[str, str]]:
-    """Resolve model.safetensors.index.json into tensor locations, validating every shard it names."""
-    try:
-        index = json.loads(index_path.read_text(), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{index_path}: invalid JSON ({e}); {_REDO}") from e
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        weight_map = json.loads(index_path.read_text()).get("weight_map")
+    except (UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{index_path}: not a JSON object ({e}); {_REDO}") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index_path}: no 'weight_map' object of tensor name -> shard file; {_REDO}")
     root = index_path.parent
-    shards: dict[str, tuple[dict[str, _TensorInfo], dict[str, str]]] = {}
-    for fname in sorted(set(weight_map.values())):
-        if pathlib.PurePath(fname).name != fname or not (root / fname).is_file():
-            example = next(k for k, v in weight_map.items() if v == fname)
+    for name in sorted(set(weight_map.values())):
+        if pathlib.PurePath(name).name != name or not (root / name).is_file():
+            example = next(k for k, v in weight_map.items() if v == name)
             raise CheckpointError(
-                f"{index_path}: shard {fname!r} (holding e.g. {example!r}) is missing from {root}; "
-                "download it, or regenerate the index"
+                f"{index_path}: shard {name!r} (holding e.g. {example!r}) is missing from {root}; download it, or "
+                "regenerate the index"
             )
-        shards[fname] = _read_header(root / fname)
-    seen: dict[str, pathlib.Path] = {}
-    for fname, (tensors, _) in shards.items():
-        for key in tensors:
-            if key in seen:
-                raise CheckpointError(
-                    f"{root / fname}: tensor {key!r} also appears in {seen[key]}; duplicate keys across "
-                    "shards are ambiguous, remove one copy and regenerate the index"
-                )
-            seen[key] = root / fname
-    out: dict[str, _TensorInfo] = {}
-    for key, fname in weight_map.items():
-        if (info := shards[fname][0].get(key)) is None:
-            found = f" (it is in {seen[key].name})" if key in seen else ""
-            raise CheckpointError(
-                f"{index_path}: tensor {key!r} is mapped to {fname!r} but that shard lacks it{found}; "
-                "regenerate the index or re-download the shard"
-            )
-        out[key] = info
-    return out, next(iter(shards.values()))[1] if shards else {}
+    return {key: root / name for key, name in weight_map.items()}
 
 
 class SafetensorsCheckpoint:
     """A model directory's safetensors weights: model.safetensors, or shards listed in its index json."""
 
-    def __init__(self, path: pathlib.Path, tensors: dict[str, _TensorInfo], metadata: dict[str, str]) -> None:
-        """Use SafetensorsCheckpoint.open; this only stores already-validated headers."""
+    def __init__(self, path: pathlib.Path, files: list[pathlib.Path], index: dict[str, pathlib.Path] | None = None):
+        """Use ``SafetensorsCheckpoint.open``."""
         self.path = path
-        self.metadata = metadata  # __metadata__ of the single file, or of the first shard
-        self._tensors = tensors
-        self._maps: dict[pathlib.Path, np.ndarray] = {}
+        self._handles = {file: _open_file(file) for file in files}
+        self._file_of: dict[str, pathlib.Path] = {}
+        for file, handle in self._handles.items():
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                if key in self._file_of:
+                    raise CheckpointError(
+                        f"{file}: tensor {key!r} also appears in {self._file_of[key]}; duplicate keys across "
+                        "shards are ambiguous, remove one copy and regenerate the index"
+                    )
+                self._file_of[key] = file
+        for key, file in (index or {}).items():
+            if self._file_of.get(key) != file:
+                found = f" (it is in {self._file_of[key].name})" if key in self._file_of else ""
+                raise CheckpointError(
+                    f"{path / INDEX_FILE}: tensor {key!r} is mapped to {file.name!r} but that shard lacks it{found}; "
+                    "regenerate the index or re-download the shard"
+                )
+        self.metadata = self._handles[files[0]].metadata() or {}  # of the single file, or of the first shard
         self._closed = False
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> SafetensorsCheckpoint:
-        """Open a directory, .safetensors file or index json; validates all headers, reads no tensor data."""
+        """Open a directory, .safetensors file or index json; reads headers only."""
         path = pathlib.Path(path)
         if path.is_dir():
             if (path / SINGLE_FILE).is_file():
-                return cls(path, *_read_header(path / SINGLE_FILE))
+                return cls(path, [path / SINGLE_FILE])
             if (path / INDEX_FILE).is_file():
-                return cls(path, *_read_index(path / INDEX_FILE))
+                index = _index_files(path / INDEX_FILE)
+                return cls(path, sorted(set(index.values())), index)
             names = sorted(p.name for p in path.iterdir())
             if any(_PICKLE_RE.fullmatch(n) for n in names):
                 raise CheckpointError(f"{path}: only pickle files ({', '.join(names)}); {_PICKLE_HINT}")
@@ -178,73 +122,122 @@ class SafetensorsCheckpoint:
         if _PICKLE_RE.fullmatch(path.name):
             raise CheckpointError(f"{path}: {_PICKLE_HINT}")
         if path.name.endswith(".index.json"):
-            return cls(path.parent, *_read_index(path))
-        return cls(path, *_read_header(path))
+            index = _index_files(path)
+            return cls(path.parent, sorted(set(index.values())), index)
+        return cls(path, [path])
 
     def keys(self) -> list[str]:
         """All tensor names, sorted."""
-        return sorted(self._tensors)
+        return sorted(self._file_of)
 
     def __contains__(self, key: object) -> bool:
-        """Whether the checkpoint holds a tensor of this name."""
-        return key in self._tensors
+        return key in self._file_of
 
     def __len__(self) -> int:
-        """Number of tensors."""
-        return len(self._tensors)
+        return len(self._file_of)
 
     def __iter__(self) -> Iterator[str]:
-        """Tensor names, sorted."""
         return iter(self.keys())
 
-    def _info(self, key: str) -> _TensorInfo:
-        """Look a key up, suggesting near misses on failure."""
-        if key not in self._tensors:
-            close = difflib.get_close_matches(key, self._tensors, n=3)
+    def file_of(self, key: str) -> pathlib.Path:
+        """The .safetensors file that holds a tensor (unknown keys suggest near misses)."""
+        if key not in self._file_of:
+            close = difflib.get_close_matches(key, self._file_of, n=3)
             raise KeyError(f"{key!r} is not in {self.path}" + (f"; did you mean {close}?" if close else ""))
-        return self._tensors[key]
+        return self._file_of[key]
+
+    def _slice(self, key: str):
+        if self._closed:
+            raise ValueError(f"checkpoint {self.path} is closed")
+        tensor = self._handles[self.file_of(key)].get_slice(key)
+        if tensor.get_dtype() not in DTYPES:
+            raise CheckpointError(
+                f"{self.file_of(key)}: tensor {key!r} is {tensor.get_dtype()}, which mtp cannot read; re-save the "
+                f"checkpoint in one of {', '.join(DTYPES)} (e.g. bf16)"
+            )
+        return tensor
 
     def shape(self, key: str) -> tuple[int, ...]:
-        """Shape of a tensor."""
-        return self._info(key).shape
+        return tuple(self._slice(key).get_shape())
 
     def dtype(self, key: str) -> np.dtype:
         """numpy dtype of a tensor (BF16 -> ml_dtypes.bfloat16)."""
-        return self._info(key).dtype
-
-    def file_of(self, key: str) -> pathlib.Path:
-        """The .safetensors file that holds a tensor."""
-        return self._info(key).file
+        return np.dtype(DTYPES[self._slice(key).get_dtype()])
 
     def read(self, key: str, index: tuple[slice | int, ...] | None = None) -> np.ndarray:
-        """Copy out a tensor, or a basic slice of it (as jax.make_array_from_callback passes one shard)."""
-        info = self._info(key)
-        if self._closed:
-            raise ValueError(f"checkpoint {self.path} is closed")
-        if (mm := self._maps.get(info.file)) is None:
-            size = info.file.stat().st_size - info.data_start
-            # np.memmap refuses empty maps; a file of zero-size tensors has nothing to map.
-            mm = np.memmap(info.file, np.uint8, "r", info.data_start, (size,)) if size else np.zeros(0, "u1")
-            self._maps[info.file] = mm
-        view = mm[info.begin : info.end].view(info.dtype).reshape(info.shape)
-        if index is not None:
-            index = index if isinstance(index, tuple) else (index,)
-            # Fancy indexing could gather the whole tensor; slices/ints keep page faults to the needed bytes.
-            if any(isinstance(i, bool) or not isinstance(i, slice | int | np.integer) for i in index):
-                raise TypeError(f"read({key!r}): index must hold only slices and ints, got {index!r}")
-            view = view[index]
-        # Copy so callers never keep the file mapping alive (and device_put never aliases it).
-        return np.array(view, copy=True)
+        """A tensor, or a basic slice of it (as ``jax.make_array_from_callback`` asks for one shard)."""
+        index = () if index is None else index if isinstance(index, tuple) else (index,)
+        # Fancy indexing would gather the whole tensor; slices and ints read only the needed bytes.
+        if any(isinstance(i, bool) or not isinstance(i, slice | int | np.integer) for i in index):
+            raise TypeError(f"read({key!r}): index must hold only slices and ints, got {index!r}")
+        tensor = self._slice(key)
+        # The library, unlike numpy, refuses slice bounds past the end: clip them as numpy would.
+        index = tuple(i if isinstance(i, int | np.integer) else slice(*i.indices(n)) for i, n in
+                      zip(index, tensor.get_shape(), strict=False))  # fmt: skip
+        try:
+            return tensor[index]
+        except safetensors.SafetensorError as e:
+            raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} could not be read ({e}); {_REDO}") from None
 
     def close(self) -> None:
-        """Drop the file mappings; later reads raise."""
-        self._maps.clear()
+        """Drop the open files; later reads raise."""
+        self._handles.clear()
         self._closed = True
 
     def __enter__(self) -> SafetensorsCheckpoint:
-        """Context-manager entry."""
         return self
 
     def __exit__(self, *exc: object) -> None:
-        """Close on context exit."""
         self.close()
+
+
+def _replace_atomically(path: pathlib.Path, write) -> None:
+    """``write(tmp)`` beside ``path``, then rename: ``path`` is never half-written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, *,
+                     metadata: dict[str, str] | None = None,
+                     max_shard_bytes: int | None = None) -> list[pathlib.Path]:  # fmt: skip
+    """Saves ``tensors`` into directory ``path`` as transformers does; returns the files written (shards, index)."""
+    root = pathlib.Path(path)
+    if root.suffix == ".safetensors" or root.is_file():
+        raise ValueError(f"{root}: save_safetensors takes a directory (it writes {SINGLE_FILE} inside)")
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    metadata = {"format": "pt"} if metadata is None else dict(metadata)  # transformers refuses files without it
+    # C-contiguous and little-endian, as the format stores them (0-d tensors stay 0-d).
+    arrays = {}
+    for key in sorted(tensors):
+        a = np.asarray(tensors[key])
+        arrays[key] = a.astype(a.dtype.newbyteorder("<"), order="C", copy=False)
+    split = split_state_dict_into_shards_factory(
+        arrays, get_storage_size=lambda a: a.nbytes, filename_pattern=_SHARD_PATTERN,
+        max_shard_size=max_shard_bytes or 2**62,
+    )  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, keys in split.filename_to_tensors.items():
+        shard = {key: arrays[key] for key in keys}
+        _replace_atomically(root / name, lambda tmp, shard=shard: safetensors.numpy.save_file(shard, tmp, metadata))
+        written.append(root / name)
+    if split.is_sharded:
+        total = sum(a.nbytes for a in arrays.values())
+        index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        _replace_atomically(root / INDEX_FILE, lambda tmp: pathlib.Path(tmp).write_text(text))
+        written.append(root / INDEX_FILE)
+    # A stale model.safetensors would shadow new shards (and stale shards confuse HF loaders): remove them.
+    for p in root.iterdir():
+        if _OWN_FILES_RE.fullmatch(p.name) and p not in written:
+            p.unlink()
+    return written

@@ -336,10 +336,8 @@ def test_truncated_file(cases, tmp_path, sharded):
     path = tmp_path / "truncated"
     shutil.copytree(cases("dense").checkpoint(CLM, sharded=sharded), path)
     victim = sorted(path.glob("*.safetensors"))[-1]
-    with SafetensorsCheckpoint.open(victim) as checkpoint:
-        last = max(checkpoint.keys(), key=lambda k: checkpoint._info(k).end)
     victim.write_bytes(victim.read_bytes()[:-10])
-    assert_error(path, CheckpointError, str(victim), repr(last), "truncated")
+    assert_error(path, CheckpointError, str(victim), "not a readable safetensors file", "re-download")
 
 
 UNSUPPORTED = {
