@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from mtp.data.tokenizer import TokenizerError
 
 ROLE_ALIASES = {"user": "user", "model": "model", "assistant": "model", "system": "system", "developer": "system"}
-# What larger Gemma 4 templates put at the start of a model turn when thinking is off (an empty thought channel).
+# What the 26B/31B templates append to the generation prompt when thinking is off (an empty thought channel).
 THOUGHT_PRIMER = "<|channel>thought\n<channel|>"
 
 
@@ -109,9 +109,9 @@ class ChatTemplate:
         # add_special_tokens=False: Gemma's tokenizer.json would otherwise prepend a second <bos>.
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def _turn(self, role: str, content: str) -> tuple[list[int], list[int]]:
+    def _turn(self, role: str, content: str, primed: bool = False) -> tuple[list[int], list[int]]:
         """One turn's ids and loss mask; header and content are encoded together, as the template renders them."""
-        header = f"{role}\n" + (THOUGHT_PRIMER if role == "model" and self.thought_primer else "")
+        header = f"{role}\n" + (THOUGHT_PRIMER if primed else "")
         content = strip_thinking(content) if role == "model" else content.strip()
         encoding = self.tokenizer.encode(header + content, add_special_tokens=False)
         learn = role == "model"
@@ -123,19 +123,32 @@ class ChatTemplate:
         return ids + newline, mask + [0] * len(newline)
 
     def format_conversation(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
-        """``<bos>`` then every turn; the mask covers the model turns' content and their ``<turn|>``."""
-        tokens, mask = [self.ids.bos], [0]
-        for message in check_messages(messages):
-            turn_tokens, turn_mask = self._turn(message["role"], message["content"])
-            tokens += turn_tokens
-            mask += turn_mask
-        return tokens, mask
+        """``<bos>`` then every turn; the mask covers the model turns' content and their ``<turn|>``.
+
+        With ``thought_primer`` the last model turn opens with the empty thought channel, exactly as the model
+        produced it after the generation prompt; earlier model turns are history, which the template renders bare.
+        """
+        return self._format(messages, prime_last_model_turn=self.thought_primer)
 
     def prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """The conversation so far plus the model-turn header: what generation continues from."""
-        tokens, _ = self.format_conversation(messages)
+        tokens, _ = self._format(messages, prime_last_model_turn=False)
         header = "model\n" + (THOUGHT_PRIMER if self.thought_primer else "")
         return [*tokens, self.ids.start_of_turn, *self._encode(header)]
+
+    def _format(
+        self, messages: Sequence[Mapping[str, str]], prime_last_model_turn: bool
+    ) -> tuple[list[int], list[int]]:
+        messages = check_messages(messages)
+        last_model = max((i for i, m in enumerate(messages) if m["role"] == "model"), default=-1)
+        tokens, mask = [self.ids.bos], [0]
+        for i, message in enumerate(messages):
+            turn_tokens, turn_mask = self._turn(
+                message["role"], message["content"], prime_last_model_turn and i == last_model
+            )
+            tokens += turn_tokens
+            mask += turn_mask
+        return tokens, mask
 
     def format_text(self, text: str) -> tuple[list[int], list[int]]:
         """A plain language-modelling document: ``<bos> text <eos>``, every token after ``<bos>`` a target."""

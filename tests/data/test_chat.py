@@ -1,5 +1,8 @@
 """The Gemma 4 chat template: exact rendering, loss mask over model turns only, 106 vs 1, the prompt form."""
 
+import json
+import pathlib
+
 import pytest
 from tokenizers import Tokenizer, models
 
@@ -25,6 +28,29 @@ RENDERED = (
 
 def _decode(template, ids):
     return template.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+# Renderings by Gemma 4's published chat_template.jinja (26B/31B form); see render_chat_fixtures.py for the command.
+PUBLISHED = json.loads((pathlib.Path(__file__).parent / "fixtures" / "gemma4_chat.json").read_text())
+PRIMER = "<|channel>thought\n<channel|>"
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_matches_the_published_chat_template(tiny_tokenizer, name):
+    case = PUBLISHED[name]
+    messages = case["messages"]
+    last_model = max(i for i, m in enumerate(messages) if m["role"] in ("model", "assistant"))
+    plain, primed = ChatTemplate(tiny_tokenizer), ChatTemplate(tiny_tokenizer, thought_primer=True)
+    tokens = plain.format_conversation(messages)[0]
+    assert _decode(plain, tokens) == case["conversation"]
+    # The same ids as tokenizing the rendered string (transformers' apply_chat_template(tokenize=True)).
+    assert tokens == tiny_tokenizer.encode(case["conversation"], add_special_tokens=False).ids
+    # The E2B/E4B template is the same without the thought channel in the generation prompt.
+    assert _decode(plain, plain.prompt_ids(messages[:last_model])) == case["prompt"].removesuffix(PRIMER)
+    assert _decode(primed, primed.prompt_ids(messages[:last_model])) == case["prompt"]
+    # Training with the primer: the conversation as the model produced its last turn after the generation prompt.
+    answer = strip_thinking(messages[last_model]["content"])
+    assert _decode(primed, primed.format_conversation(messages)[0]) == case["prompt"] + answer + "<turn|>\n"
 
 
 def _masked_spans(tokens, mask):
