@@ -3,9 +3,12 @@
 from absl import app
 from ml_collections import config_flags
 
+from mtp.errors import reports_user_errors
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Decoding config file.", lock_config=True)
 
 
+@reports_user_errors
 def main(argv):
     del argv
     from mtp.decoding.cli import run_decode

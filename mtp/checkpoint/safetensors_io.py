@@ -24,6 +24,8 @@ import safetensors
 import safetensors.numpy
 from huggingface_hub import split_state_dict_into_shards_factory
 
+from mtp.errors import UserError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SHARD_PATTERN = "model{suffix}.safetensors"  # huggingface_hub fills in "-00001-of-00002"
@@ -44,7 +46,7 @@ DTYPES = {
 }  # fmt: skip
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """Bad checkpoint: the message names the file (and key) and says how to fix it."""
 
 

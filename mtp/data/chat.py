@@ -19,13 +19,14 @@ from collections.abc import Mapping, Sequence
 from tokenizers import Tokenizer
 
 from mtp.data.tokenizer import TokenizerError
+from mtp.errors import UserError
 
 ROLE_ALIASES = {"user": "user", "model": "model", "assistant": "model", "system": "system", "developer": "system"}
 # What the 26B/31B templates append to the generation prompt when thinking is off (an empty thought channel).
 THOUGHT_PRIMER = "<|channel>thought\n<channel|>"
 
 
-class RowError(ValueError):
+class RowError(UserError):
     """A data row or conversation is malformed; the message says what is wrong."""
 
 

@@ -16,11 +16,12 @@ from collections.abc import Sequence
 import datasets
 
 from mtp.data.chat import RowError, parse_row
+from mtp.errors import UserError
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError):
     """A data source cannot be found, read, or holds a malformed row."""
 
 

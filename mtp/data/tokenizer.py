@@ -7,6 +7,8 @@ from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from mtp.errors import UserError
+
 # Gemma 4's control tokens and their ids (google-deepmind/gemma gm/text/_tokenizer.py `_Gemma4SpecialTokens`, and
 # the added_tokens of google/gemma-4-*-it tokenizer.json). The tiny tokenizer reproduces them so that every part
 # of mtp uses one set of ids for tiny and real models.
@@ -33,7 +35,7 @@ NUM_CONTROL_IDS = max(GEMMA4_SPECIAL_TOKENS) + 1  # ids below this are control t
 _BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer file is missing, unreadable, or lacks a token mtp needs."""
 
 

@@ -7,12 +7,14 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+from mtp.errors import UserError
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 ATTENTION_TYPES = (SLIDING, FULL)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A model configuration that mtp cannot represent faithfully."""
 
 

@@ -176,8 +176,10 @@ def test_text_prompt_goes_through_the_chat_template(setup, runs):
 
 def test_a_drafter_for_another_target_fails_on_the_command_line(runs):
     run = runs["misfit"]
-    assert run.returncode != 0
-    assert "does not fit the target" in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
+    # A user's mistake: one line naming it, exit status 2, no traceback.
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "does not fit the target" in last, run.stderr[-2000:]
     assert not run.output.exists()
 
 
