@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtp.drafter.model import DrafterFeatures
 from mtp.target.model import Gemma4, TargetOutput
 from mtp.training.centroids import centroid_loss
 
@@ -101,36 +102,56 @@ def chunked_depth_loss(target: Gemma4, drafter: nnx.Module, teacher_h_BTD, stude
     return sums
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Depth:
+    """One draft depth at every anchor p: the drafter's features, the teacher's state, and whether p is trained.
+
+    ``teacher_hidden_BTD`` is the target's h_{p+j}, whose logits are the teacher for x_{p+j+1}; ``valid_BT`` says
+    that x_{p+j+1} exists in p's document and is a trained (model-turn) token.
+    """
+
+    features: DrafterFeatures
+    teacher_hidden_BTD: jax.Array
+    valid_BT: jax.Array
+
+
+def unroll(drafter: nnx.Module, target: Gemma4, target_out: TargetOutput, batch: dict, depth: int,
+           dtype: jnp.dtype = jnp.float32) -> list[Depth]:  # fmt: skip
+    """The drafter's first ``depth`` draft steps at every anchor of a teacher-forced packed batch."""
+    tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
+    loss_mask = batch["loss_mask"].astype(bool)
+    state_BTD = shift(target_out.hidden, -1)  # h_{p-1}: the state that produced x_p
+    anchor_ok = (positions > 0) & (segments > 0)  # depth 0 needs a previous position in the same document
+    depths = []
+    for j in range(depth):
+        same_doc = shift(segments, j) == segments
+        # Predicting x_{p+j+1}: it must exist in this document and be a trained (model-turn) token.
+        valid_BT = anchor_ok & same_doc & (shift(segments, j + 1) == segments) & shift(loss_mask, j + 1, False)
+        embed_BTD = target.embed_tokens(shift(tokens, j)).astype(dtype)
+        features = drafter.features(embed_BTD, state_BTD, positions, target_out.drafter_kv, segments_BT=segments,
+                                    key_segments_BS=segments, dtype=dtype)  # fmt: skip
+        depths.append(Depth(features, shift(target_out.hidden, j), valid_BT))
+        state_BTD = features.projected
+    return depths
+
+
 def distill_loss(drafter: nnx.Module, target: Gemma4, target_out: TargetOutput, batch: dict, config: LossConfig,
                  dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, dict]:  # fmt: skip
     """Weighted loss over depths and metrics: per-depth top-1 agreement, loss, and centroid coverage."""
-    tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
-    loss_mask = batch["loss_mask"].astype(bool)
-    hidden_prev = shift(target_out.hidden, -1)  # h_{p-1}: the state that produced x_p
-    anchor_ok = (positions > 0) & (segments > 0)  # depth 0 needs a previous position in the same document
-    state_BTD = hidden_prev
-    total, metrics = 0.0, {"loss_per_depth": [], "top1_agreement": [], "centroid_coverage": []}
-    weight_sum = 0.0
-    for depth in range(config.depth):
-        token_BT = shift(tokens, depth)
-        same_doc = shift(segments, depth) == segments
-        # Predicting x_{p+depth+1}: it must exist in this document and be a trained (model-turn) token.
-        valid = anchor_ok & same_doc & (shift(segments, depth + 1) == segments) & shift(loss_mask, depth + 1, False)
-        embed_BTD = target.embed_tokens(token_BT).astype(dtype)
-        out = drafter.features(embed_BTD, state_BTD, positions, target_out.drafter_kv, segments_BT=segments,
-                               key_segments_BS=segments, dtype=dtype)  # fmt: skip
-        teacher_h = shift(target_out.hidden, depth)
+    total, weight_sum = 0.0, 0.0
+    metrics = {"loss_per_depth": [], "top1_agreement": [], "centroid_coverage": []}
+    for j, d in enumerate(unroll(drafter, target, target_out, batch, config.depth, dtype)):
         loss_sum, agree_sum, aux_sum, cover_sum = chunked_depth_loss(
-            target, drafter, teacher_h, out.normed, valid, config
+            target, drafter, d.teacher_hidden_BTD, d.features.normed, d.valid_BT, config
         )
-        count = jnp.maximum(jnp.sum(valid), 1)
-        weight = config.depth_decay**depth
+        count = jnp.maximum(jnp.sum(d.valid_BT), 1)
+        weight = config.depth_decay**j
         total = total + weight * (loss_sum + config.centroid_weight * aux_sum) / count
         weight_sum += weight
         metrics["loss_per_depth"].append(loss_sum / count)
         metrics["top1_agreement"].append(agree_sum / count)
         metrics["centroid_coverage"].append(cover_sum / count)
-        state_BTD = out.projected
     metrics = {k: jnp.stack(v) for k, v in metrics.items()}
     return total / weight_sum, metrics
 

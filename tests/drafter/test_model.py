@@ -98,6 +98,7 @@ def test_training_hooks_agree_with_the_drafting_head(ordered_drafter):
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, hf_oracle.VOCAB, (1, LENGTH)))
     positions = jnp.arange(LENGTH)[None]
     out = target_forward(target, tokens, positions, jnp.ones_like(tokens))
+    mask = jnp.asarray(np.arange(LENGTH) % 3 != 0)[None]  # some positions are not trained
 
     @nnx.jit
     def run(model):
@@ -108,10 +109,12 @@ def test_training_hooks_agree_with_the_drafting_head(ordered_drafter):
             features,
             drafted,
             model.full_logits(features.normed),
-            centroid_head_loss(model, features.normed, teacher, jnp.ones((1, LENGTH))),
+            model.centroid_scores(features.normed),
+            teacher,
+            centroid_head_loss(model, features.normed, teacher, mask),
         )
 
-    features, drafted, full, (aux, coverage) = run(drafter)
+    features, drafted, full, scores, teacher, (aux, coverage) = run(drafter)
     np.testing.assert_array_equal(np.asarray(features.projected), np.asarray(drafted.projected_BTD))
     logits = np.asarray(drafted.logits_BTV)
     chosen = logits > logits.min(-1, keepdims=True)
@@ -119,4 +122,15 @@ def test_training_hooks_agree_with_the_drafting_head(ordered_drafter):
     np.testing.assert_allclose(logits[chosen], np.asarray(full)[chosen], atol=1e-6)
     fill = np.where(chosen, -np.inf, logits).max(-1)  # one value per row, 1 below the row's lowest chosen score
     np.testing.assert_allclose(fill, np.where(chosen, logits, np.inf).min(-1) - 1, atol=1e-6)
-    assert np.isfinite(aux) and aux > 0 and 0 <= coverage <= LENGTH
+    # The centroid loss by hand, in float64: cross-entropy of the centroid scores towards the cluster (a row of the
+    # [C, V/C] ordering table) holding the target's argmax, and whether that cluster is among the top 4 scores.
+    cluster_of = np.empty(hf_oracle.VOCAB, int)
+    cluster_of[np.asarray(drafter.token_ordering[...]).reshape(16, -1)] = np.arange(16)[:, None]
+    wanted = cluster_of[np.asarray(teacher)[0].argmax(-1)]
+    scores = np.asarray(scores, np.float64)[0]
+    log_probs = scores - scores.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    trained = np.asarray(mask)[0]
+    covered = np.any(np.argsort(-scores, -1)[:, :4] == wanted[:, None], -1)
+    np.testing.assert_allclose(aux, -log_probs[np.arange(LENGTH), wanted][trained].sum(), rtol=1e-6)
+    assert coverage == covered[trained].sum() and 0 < coverage < trained.sum()
