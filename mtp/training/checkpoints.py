@@ -17,10 +17,13 @@ log = logging.getLogger(__name__)
 # Config keys that may change between runs in one workdir (they do not change what is being trained).
 RESUMABLE_KEYS = ("num_train_steps", "log_every_steps", "eval_every_steps", "eval_batches", "checkpoint_every_steps",
                   "keep_checkpoints", "mesh", "wandb", "data.num_workers")  # fmt: skip
+# Of those, the ones the saved data-iterator state depends on (grain's multiprocess prefetch keeps one reader state
+# per worker): they may change only while the workdir holds no checkpoint.
+ITERATOR_KEYS = ("data.num_workers",)
 
 
 class WorkdirError(RuntimeError):
-    """The workdir belongs to another experiment."""
+    """The workdir belongs to another experiment, or its checkpoints cannot be resumed with this config."""
 
 
 def _flat(tree) -> dict:
@@ -45,19 +48,39 @@ def _identity(config: ml_collections.ConfigDict) -> dict:
     return identity
 
 
+def _lookup(tree: dict, key: str):
+    """The value of a dotted key ("data.num_workers"), or None where the tree does not have it."""
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _has_checkpoint(workdir: pathlib.Path) -> bool:
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    """Saves config.json in a new workdir; in a used one, refuses a config that trains something else."""
+    """Saves config.json; in a used workdir, refuses a config of another experiment or one that cannot resume it."""
     path = workdir / "config.json"
     mine = json.loads(json.dumps(_identity(config), default=list))
     if path.exists():
-        theirs = json.loads(path.read_text())
-        theirs = json.loads(json.dumps(_identity(ml_collections.ConfigDict(theirs)), default=list))
+        saved = json.loads(path.read_text())
+        theirs = json.loads(json.dumps(_identity(ml_collections.ConfigDict(saved)), default=list))
         if theirs != mine:
             diffs = sorted(_differences(theirs, mine))
             raise WorkdirError(
                 f"{workdir} holds a checkpoint of a different experiment (differs in {diffs[:8]}); use a new "
                 "--workdir, or the original config to resume it. Nothing was changed."
             )
+        for key in ITERATOR_KEYS if _has_checkpoint(workdir) else ():
+            before, now = _lookup(saved, key), _lookup(config.to_dict(), key)
+            if before is not None and before != now:
+                raise WorkdirError(
+                    f"{workdir} has checkpoints whose data-iterator state was saved with {key}={before}, and that "
+                    f"state cannot be resumed with {key}={now}: rerun with --config.{key}={before}, or use a new "
+                    "--workdir. Nothing was changed."
+                )
     workdir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config.to_dict(), indent=1, default=list))
 

@@ -40,8 +40,14 @@ def train_step(state: TrainState, target_state: nnx.State, batch: dict, *, targe
                                      loss_config, dtype)  # fmt: skip
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    out = step_metrics(loss, metrics, batch) | {"grad_norm": optax.global_norm(grads),
-                                                 "learning_rate": schedule(state.step)}  # fmt: skip
+    grad_norm = optax.global_norm(grads)
+    # Guarded on device, so the host need not look at every step: a non-finite step leaves the parameters and the
+    # optimizer state as they were, and its ``finite`` flag makes the host stop at its next check.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                     (state.params, state.opt_state))  # fmt: skip
+    out = step_metrics(loss, metrics, batch) | {"grad_norm": grad_norm, "learning_rate": schedule(state.step),
+                                                 "finite": finite}  # fmt: skip
     return TrainState(state.step + 1, params, state.extra, opt_state), out
 
 

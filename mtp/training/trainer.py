@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import pathlib
 import time
 
@@ -41,6 +40,17 @@ def _device_batch(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
     """This process's rows of the global batch, assembled into one global array per field."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in
             ("tokens", "loss_mask", "segment_ids", "positions")}  # fmt: skip
+
+
+def _check_finite(unchecked: list[tuple], last_good: int | None, workdir: pathlib.Path) -> None:
+    """Raises naming the first step since the last check whose loss or gradient norm was NaN or Inf."""
+    for step, finite, loss, grad_norm in jax.device_get(unchecked):
+        if not finite:
+            raise NonFiniteLossError(
+                f"loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping (that step and any later one "
+                f"left the parameters unchanged). The last good checkpoint is "
+                f"{'step ' + str(last_good) if last_good is not None else 'none'} in {workdir / 'checkpoints'}."
+            )
 
 
 def _log_compiled(name: str, compiled) -> None:
@@ -82,8 +92,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     if restored is not None:
         state, data_state = restored
         train_iter.set_state(data_state)
-        log.info("Resumed from the checkpoint at step %d.", int(state.step))
-    start_step = int(state.step)
+        log.info("Resumed from the checkpoint at step %d.", jax.device_get(state.step))
+    start_step = int(jax.device_get(state.step))
 
     batch_sh, metrics_sh = batch_sharding(mesh), replicated(mesh)
     target_sh = sharding_lib.state_shardings(target_state, mesh)
@@ -95,7 +105,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
     writer = MetricsWriter(workdir, config, start_step=start_step, total=config.num_train_steps,
                            is_main=jax.process_index() == 0)  # fmt: skip
-    history, last_time, last_good = [], time.perf_counter(), checkpointer.latest_step
+    history, unchecked, last_time, last_good = [], [], time.perf_counter(), checkpointer.latest_step
     summary: dict = {}
     compiled = None
     try:
@@ -105,27 +115,35 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 compiled = step_fn.lower(state, target_state, batch).compile()
                 _log_compiled("train step", compiled)
             state, metrics = compiled(state, target_state, batch)
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss} at step {step + 1}; stopping. The last good checkpoint is "
-                    f"{'step ' + str(last_good) if last_good is not None else 'none'} in {workdir / 'checkpoints'}."
-                )
+            done = step + 1
+            # Nothing here reads a device value: the host runs ahead of the device until it logs, evaluates or saves.
+            unchecked.append((done, metrics.pop("finite"), metrics["loss"], metrics["grad_norm"]))
             history.append(metrics)
             writer.advance()
-            done = step + 1
-            if done % config.log_every_steps == 0 or done == config.num_train_steps:
+            last = done == config.num_train_steps
+            log_now = done % config.log_every_steps == 0 or last
+            eval_now = done % config.eval_every_steps == 0 or last
+            save_now = done % config.checkpoint_every_steps == 0 or last
+            if not (log_now or eval_now or save_now):
+                continue
+            _check_finite(unchecked, last_good, workdir)  # before anything is logged or saved
+            unchecked = []
+            record = {}
+            if log_now:
                 record = to_python(mean_metrics(history))
                 now = time.perf_counter()
                 record["tokens_per_second"] = len(history) * config.batch_size * config.seq_len / (now - last_time)
                 record["truncated_examples"] = train_iter.num_truncated
                 history, last_time = [], now
-                if done % config.eval_every_steps == 0 or done == config.num_train_steps:
-                    evals = [eval_fn(state, target_state, b) for b in eval_batches]
-                    record |= {f"eval_{k}": v for k, v in to_python(mean_metrics(evals)).items()}
+            if eval_now:
+                start = time.perf_counter()
+                evals = [eval_fn(state, target_state, b) for b in eval_batches]
+                record |= {f"eval_{k}": v for k, v in to_python(mean_metrics(evals)).items()}
+                last_time += time.perf_counter() - start  # tokens_per_second counts training time only
+            if record:
                 writer.write(done, record)
-                summary = record
-            if done % config.checkpoint_every_steps == 0 or done == config.num_train_steps:
+                summary |= record
+            if save_now:
                 checkpointer.save(done, state, train_iter.get_state())
                 last_good = done
     finally:

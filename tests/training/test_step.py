@@ -1,0 +1,60 @@
+"""The train step: a NaN or Inf loss or gradient never reaches the parameters or the optimizer state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configs import tiny
+from mtp import sharding as sharding_lib
+from mtp.target.config import config_from_hf
+from mtp.target.model import Gemma4
+from mtp.training import setup
+from mtp.training import step as step_lib
+from mtp.training.config import loss_config
+from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_drafter
+from tests import hf_oracle
+from tests.training.test_sharding import synthetic_batch
+
+
+def test_a_non_finite_step_leaves_the_state_as_it_was(monkeypatch):
+    real = step_lib.distill_loss
+
+    def poisoned(drafter, target, target_out, batch, *args, **kwargs):
+        """NaN loss and gradients for a batch whose first token is 0."""
+        loss, metrics = real(drafter, target, target_out, batch, *args, **kwargs)
+        return loss * jnp.where(batch["tokens"][0, 0] == 0, jnp.nan, 1.0), metrics
+
+    monkeypatch.setattr(step_lib, "distill_loss", poisoned)
+    config = tiny.get_config("test")
+    config.loss.depth = 1
+    config.drafter.num_layers = 1
+    mesh = sharding_lib.make_mesh({"fsdp": 1})
+    target_config = config_from_hf(hf_oracle.tiny_text_config_dict("e2b_like") | {"model_type": "gemma4_text"})
+    target = Gemma4(target_config, rngs=nnx.Rngs(0))
+    target_graph, target_state = nnx.split(target)
+    drafter_graph, params, extra = split_drafter(setup.build_drafter(config, target))
+    tx, schedule = make_optimizer(config)
+    state, state_sh = init_state(params, extra, tx, mesh)
+    train_step = step_lib.jit_train_step(
+        state_sh, sharding_lib.state_shardings(target_state, mesh), batch_sharding(mesh), replicated(mesh), tx=tx,
+        schedule=schedule, target_graph=target_graph, drafter_graph=drafter_graph, loss_config=loss_config(config),
+        dtype=jnp.float32,
+    )  # fmt: skip
+    good = synthetic_batch(batch=4)
+    bad = dict(good, tokens=good["tokens"].copy())
+    bad["tokens"][0, 0] = 0
+
+    before = jax.device_get(state)
+    state, metrics = train_step(state, target_state, bad)
+    assert not metrics["finite"] and np.isnan(metrics["loss"]) and np.isnan(metrics["grad_norm"])
+    assert int(state.step) == 1
+    after = jax.device_get(state)
+    for old, new in zip(jax.tree.leaves((before.params, before.opt_state)),
+                        jax.tree.leaves((after.params, after.opt_state)), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(new, old)
+
+    state, metrics = train_step(state, target_state, good)
+    assert metrics["finite"] and np.isfinite(metrics["loss"])
+    moments = jax.tree.leaves(jax.device_get(state.opt_state))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after.opt_state), moments, strict=True))
