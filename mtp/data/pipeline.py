@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from mtp.data.chat import ChatTemplate, RowError
-from mtp.data.packing import FIELDS, PackIterDataset, RowBuilder
+from mtp.data.packing import FIELDS, empty_row, pack_rows
 
 log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]  # FIELDS -> int32 [local_batch, seq_len]
@@ -98,7 +98,7 @@ def _packed(
         ds = ds.repeat(num_epochs)
     ds = ds[process_index::process_count]
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=max(64, 8 * config.read_threads))
-    return PackIterDataset(ds.to_iter_dataset(read), config.seq_len)
+    return pack_rows(ds.to_iter_dataset(read), config.seq_len)
 
 
 class BatchIterator:
@@ -167,7 +167,7 @@ def make_eval_batches(
     iterator.close()
     if num_truncated:
         log.info("eval: %d documents longer than seq_len=%d were truncated", num_truncated, config.seq_len)
-    empty = RowBuilder(config.seq_len).build()
+    empty = empty_row(config.seq_len)
     packed += [empty] * (num_batches * batch_size - len(packed))
     return [
         {name: np.stack([row[name] for row in packed[b * batch_size : (b + 1) * batch_size]]) for name in FIELDS}

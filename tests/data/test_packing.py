@@ -5,7 +5,7 @@ import json
 import grain
 import numpy as np
 
-from mtp.data.packing import PackIterDataset, pack
+from mtp.data.packing import pack, pack_rows
 
 SEQ_LEN = 16
 
@@ -69,7 +69,7 @@ def test_packing_is_deterministic():
 def test_grain_stage_matches_pack_and_restores_mid_stream():
     examples = _examples([5, 12, 3, 30, 8, 8, 1, 15, 6, 6, 6, 20, 2])
     expected, num_truncated = pack(examples, SEQ_LEN)
-    dataset = PackIterDataset(grain.MapDataset.source(examples).to_iter_dataset(), SEQ_LEN)
+    dataset = pack_rows(grain.MapDataset.source(examples).to_iter_dataset(), SEQ_LEN)
     streamed = list(dataset)
     assert sum(int(row.pop("num_truncated")) for row in streamed) == num_truncated == 2
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(streamed, expected, strict=True) for k in a)
