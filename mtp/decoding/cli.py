@@ -11,7 +11,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from mtp.checkpoint import load_target
-from mtp.decoding.generate import DecodeInputError, _round_up, check_inputs, generate, generate_in_batches, summarize
+from mtp.decoding.generate import (
+    DecodeInputError,
+    check_inputs,
+    generate,
+    generate_in_batches,
+    padded_length,
+    summarize,
+)
 from mtp.decoding.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -90,7 +97,7 @@ def run_decode(config: ml_collections.ConfigDict) -> dict:
                  max_cache_len=kwargs["max_cache_len"])  # fmt: skip
     batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
     # Compile every batch shape outside the timed pass: the last batch often has fewer rows or another length.
-    shapes = {(len(b), _round_up(max(map(len, b)), PAD_MULTIPLE)): b for b in batches}
+    shapes = {(len(b), padded_length(max(map(len, b)), PAD_MULTIPLE)): b for b in batches}
     for batch in shapes.values():
         generate(target, drafter, batch, **kwargs)
     start = time.perf_counter()

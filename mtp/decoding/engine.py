@@ -98,7 +98,7 @@ def round_counts(accepted_B: jax.Array, tokens_BT: jax.Array, stop: jax.Array,
 @functools.partial(
     jax.jit, static_argnames=("target_graph", "drafter_graph", "draft_len", "max_new_tokens", "sampling", "dtype")
 )
-def _generate(
+def decode_loop(
     target_graph,
     target_state,
     drafter_graph,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp.decoding.engine import DecodeResult, _generate, stop_token_array
+from mtp.decoding.engine import DecodeResult, decode_loop, stop_token_array
 from mtp.decoding.sampling import Sampling
 from mtp.errors import UserError
 from mtp.target.model import Gemma4
@@ -35,7 +35,8 @@ class Generation:
     target_forwards: int
 
 
-def _round_up(n: int, multiple: int) -> int:
+def padded_length(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple: prompts are padded to it so that batches share compilations."""
     return -(-n // multiple) * multiple
 
 
@@ -86,13 +87,13 @@ def generate(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Seque
     check_inputs(target, drafter, prompts, draft_len=draft_len, max_new_tokens=max_new_tokens,
                  max_cache_len=max_cache_len)  # fmt: skip
     lengths = np.array([len(p) for p in prompts], np.int32)
-    padded = np.zeros((len(prompts), _round_up(int(lengths.max()), pad_multiple)), np.int32)
+    padded = np.zeros((len(prompts), padded_length(int(lengths.max()), pad_multiple)), np.int32)
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = prompt
     target_graph, target_state = nnx.split(target)
     drafter_graph, drafter_state = nnx.split(drafter) if draft_len else (None, None)
     row_ids = np.arange(first_row, first_row + len(prompts), dtype=np.int32)
-    result = _generate(
+    result = decode_loop(
         target_graph, target_state, drafter_graph, drafter_state, padded, lengths, stop_token_array(tuple(stop_tokens)),
         np.uint32(seed), row_ids, draft_len=draft_len, max_new_tokens=max_new_tokens, sampling=sampling,
         dtype=jnp.dtype(dtype or target.embed[...].dtype),

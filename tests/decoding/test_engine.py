@@ -134,7 +134,7 @@ def test_a_bf16_target_decodes_in_bf16_and_matches_float32():
         got, _ = generate(bf16, d, prompts, draft_len=draft_len, max_new_tokens=12, stop_tokens=())
         assert [o.token_ids for o in got] == [o.token_ids for o in want], draft_len
     target_graph, target_state = nnx.split(bf16)
-    traced = engine._generate.trace(
+    traced = engine.decode_loop.trace(
         target_graph, target_state, None, None, jnp.zeros((1, 16), jnp.int32), jnp.array([5]), stop_token_array((1,)),
         np.uint32(0), jnp.zeros((1,), jnp.int32), draft_len=0, max_new_tokens=12, sampling=GREEDY,
         dtype=jnp.dtype(jnp.bfloat16),

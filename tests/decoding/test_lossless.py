@@ -57,11 +57,11 @@ def drafters(pair):
 @pytest.fixture
 def broken_residual(monkeypatch):
     """Resample a rejected draft from p instead of normalise(max(p - q, 0)); recompile around the swap."""
-    engine._generate.clear_cache()
+    engine.decode_loop.clear_cache()
     monkeypatch.setattr(sampling_lib, "residual", lambda p, q: p)
     yield
     monkeypatch.undo()
-    engine._generate.clear_cache()
+    engine.decode_loop.clear_cache()
 
 
 def exact_probs(target: Gemma4, sampling: Sampling, new: int = NEW) -> np.ndarray:
@@ -123,12 +123,12 @@ def test_a_broken_acceptance_rule_is_caught(pair, monkeypatch):
         bonus = sampling_lib.categorical_rows(keys_B, jnp.log(p[:, -1]))
         return jnp.full((batch,), num, jnp.int32), jnp.concatenate([drafts, bonus[:, None]], axis=1)
 
-    engine._generate.clear_cache()  # the engine traces verify_sampled: drop the compiled real rule
+    engine.decode_loop.clear_cache()  # the engine traces verify_sampled: drop the compiled real rule
     monkeypatch.setattr(sampling_lib, "verify_sampled", accept_everything)
     sampling = Sampling(temperature=1.0)
     assert fit_p_value(sampled_counts(target, drafter, 2, sampling), exact_probs(target, sampling)) < REJECT
     monkeypatch.undo()
-    engine._generate.clear_cache()
+    engine.decode_loop.clear_cache()
 
 
 # Two sampled tokens of one prompt repeated BATCHES x BATCH times, decoded batch by batch as decode.py does; at
