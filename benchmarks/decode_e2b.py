@@ -43,12 +43,12 @@ from benchmarks.decode_speed import counting_hf_forwards
 from mtp.checkpoint import load_target
 from mtp.checkpoint.hf_drafter import load_drafter, save_drafter
 from mtp.decoding.generate import generate, summarize
-from mtp.drafter.config import DrafterConfig
 from mtp.drafter.draft import draft
 from mtp.drafter.model import Drafter
 from mtp.target.cache import KVCache
 from mtp.target.model import Gemma4, drafter_kv_from_cache
 from tests import hf_oracle  # sets torch to one thread
+from tests.decoding.drafters import copy_drafter
 
 NUM_LAYERS = 12
 E2B_LIKE = hf_oracle.tiny_text_config_dict("e2b_like") | {
@@ -67,22 +67,6 @@ def build_target(path: pathlib.Path) -> None:
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(3.2)
     hf_oracle.save_target(model, path)
-
-
-def copy_drafter(target: Gemma4, seed: int = 0) -> Drafter:
-    """tests/decoding/drafters.copy_drafter at 4 layers x 128: proposes its input token again."""
-    config = DrafterConfig.for_target(target.config, num_layers=4, hidden_size=128, num_heads=4, intermediate_size=512)
-    drafter = Drafter(config, rngs=nnx.Rngs(seed))
-    width, backbone = config.hidden_size, config.backbone_hidden_size
-    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(backbone, backbone)))
-    m = jnp.asarray(q[:, :width], jnp.float32)
-    drafter.pre_projection[...] = jnp.concatenate([m, jnp.zeros_like(m)], axis=0)
-    drafter.embed[...] = target.embed[...] @ m
-    drafter.final_norm.weight[...] = jnp.ones_like(drafter.final_norm.weight[...])
-    for layer in drafter.layers:
-        layer.attn.o[...] = jnp.zeros_like(layer.attn.o[...])
-        layer.mlp.down[...] = jnp.zeros_like(layer.mlp.down[...])
-    return drafter
 
 
 def num_params(module: nnx.Module) -> int:
@@ -245,7 +229,8 @@ def main():
         target_dir, drafter_dir = pathlib.Path(workdir, "target"), pathlib.Path(workdir, "drafter")
         build_target(target_dir)
         target = load_target(target_dir)
-        save_drafter(copy_drafter(target), drafter_dir, num_assistant_tokens=k)
+        drafter = copy_drafter(target, num_layers=4, hidden_size=128, num_heads=4, intermediate_size=512)
+        save_drafter(drafter, drafter_dir, num_assistant_tokens=k)
         drafter = load_drafter(drafter_dir, target_config=target.config)
         sizes = num_params(target), num_params(drafter)
         print(f"target {sizes[0] / 1e6:.1f}M parameters, drafter {sizes[1] / 1e6:.2f}M ({sizes[1] / sizes[0]:.1%})")

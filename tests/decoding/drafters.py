@@ -8,21 +8,22 @@ from mtp.drafter.config import DrafterConfig
 from mtp.drafter.model import Drafter
 from mtp.target.model import Gemma4
 
+SHAPE = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64}
+
 
 def random_drafter(target: Gemma4, seed: int = 0, **kwargs) -> Drafter:
-    config = DrafterConfig.for_target(target.config, num_layers=2, hidden_size=32, num_heads=4,
-                                      intermediate_size=64, **kwargs)  # fmt: skip
-    return Drafter(config, rngs=nnx.Rngs(seed))
+    """Random weights; ``kwargs`` override ``SHAPE`` and set any other ``DrafterConfig`` field."""
+    return Drafter(DrafterConfig.for_target(target.config, **(SHAPE | kwargs)), rngs=nnx.Rngs(seed))
 
 
-def copy_drafter(target: Gemma4, seed: int = 0) -> Drafter:
+def copy_drafter(target: Gemma4, seed: int = 0, **kwargs) -> Drafter:
     """A drafter that proposes its input token again: random targets repeat themselves, so drafts get accepted.
 
     Every layer's output projections are zero (the layers pass the residual through), the pre-projection keeps a
     random orthonormal projection M of the token embedding, and the head's table is the target's embedding
     through M, so the logits are <M e_token, M e_v>: largest at v = token for near-orthogonal embeddings.
     """
-    drafter = random_drafter(target, seed)
+    drafter = random_drafter(target, seed, **kwargs)
     width, backbone = drafter.config.hidden_size, drafter.config.backbone_hidden_size
     q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(backbone, backbone)))
     m = jnp.asarray(q[:, :width], jnp.float32)
