@@ -1,14 +1,22 @@
-"""The embedded default corpus: conversations about the Python standard library, made from its own docstrings.
+"""The embedded default corpus: conversations about the Python standard library, made from its own files.
 
-Every machine that runs mtp has these files, so the tiny default trains and evaluates with no download. The corpus
-is deterministic for a given Python version (docstrings change between versions). The tiny tokenizer ships as an
-asset trained on this corpus under Python 3.11, so token ids do not depend on the machine: the ``tokenizers`` BPE
-trainer breaks ties between equally frequent pairs in hash-map order (huggingface/tokenizers#1794), so retraining
-gives a slightly different vocabulary on each run.
+Two kinds (a row's ``category``): ``docs``, questions answered by the standard library's docstrings, and ``code``,
+code continuation (the start of a standard-library function, then its continuation, from the library's source).
+Every machine that runs mtp has these files, so the embedded default trains and evaluates with no download. The
+corpus is deterministic for a given Python version (the library changes between versions). The split is by source
+file: a module's docstrings and a source file's functions are all train or all held out, chosen by a hash of the
+module or file name, so held-out prompts come from files the target never saw.
+
+The tokenizer (a byte-level BPE of ``VOCAB_SIZE`` ids with Gemma 4's control ids) ships as an asset trained on this
+corpus under Python 3.11, so token ids do not depend on the machine: the ``tokenizers`` BPE trainer breaks ties
+between equally frequent pairs in hash-map order (huggingface/tokenizers#1794), so retraining gives a slightly
+different vocabulary on each run. ``TOKENIZER_ASSET`` is the older 512-id tokenizer, kept for small tests.
 """
 
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -18,7 +26,9 @@ import pathlib
 import platform
 import shutil
 import sys
+import sysconfig
 import tempfile
+import textwrap
 import zlib
 from collections.abc import Iterator
 
@@ -26,8 +36,10 @@ from tokenizers import Tokenizer
 
 from mtp.data.tokenizer import build_tiny_tokenizer
 
-VERSION = 1  # bump when the corpus recipe changes, so ensure_embedded_dataset rebuilds
+VERSION = 2  # bump when the corpus recipe changes, so ensure_embedded_dataset rebuilds
 TOKENIZER_ASSET = pathlib.Path(__file__).parent / "assets" / "tiny_tokenizer.json"
+EMBEDDED_TOKENIZER_ASSET = pathlib.Path(__file__).parent / "assets" / "embedded_tokenizer.json"
+VOCAB_SIZE = 4096
 MODULES = (
     "abc", "argparse", "array", "ast", "base64", "bisect", "calendar", "cmath", "collections", "colorsys",
     "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "enum", "fnmatch", "fractions",
@@ -38,7 +50,11 @@ MODULES = (
     "weakref", "zipfile", "zlib",
 )  # fmt: skip
 SYSTEM_PROMPT = "You answer questions about the Python standard library briefly and precisely."
-EVAL_EVERY = 20  # about 1 in 20 conversations is held out, chosen by a hash of its subject
+HELD_OUT_EVERY = 10  # about 1 in 10 modules and source files is held out, chosen by a hash of its name
+# Source trees left out of the code conversations: tests, generated tables, GUI and tool packages, vendored code.
+SKIPPED_SOURCES = ("test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "pydoc_data", "ensurepip",
+                   "encodings", "tkinter", "distutils", "__pycache__", "lib-dynload")  # fmt: skip
+FUNCTION_LINES = (4, 40)  # functions of this many lines (decorators excluded) become code conversations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,12 +182,69 @@ def _conversations(entries: list[_Entry]) -> Iterator[tuple[str, list[dict[str, 
             )
 
 
-def build_corpus() -> tuple[list[dict], list[dict]]:
-    """(train, eval) rows of ``{"messages": [...]}``, the same on every run under one Python version."""
+def _source_files() -> list[tuple[str, pathlib.Path]]:
+    """(path relative to the standard library, path) of its Python sources, tests and tool packages excluded."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if not set(relative.parts[:-1]) & set(SKIPPED_SOURCES) and not relative.parts[0].startswith("config-"):
+            files.append((relative.as_posix(), path))
+    return files
+
+
+def _code_conversations(relative: str, path: pathlib.Path) -> Iterator[list[dict[str, str]]]:
+    """Per function of sane length: its first third (at least the signature) asked for, the rest answered."""
+    source = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return
+    lines = source.splitlines()
+    low, high = FUNCTION_LINES
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        count = node.end_lineno - node.lineno + 1
+        if not low <= count <= high or "\t" in "".join(lines[node.lineno - 1 : node.end_lineno]):
+            continue
+        code = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno])).splitlines()
+        split = min(max(node.body[0].lineno - node.lineno, count // 3, 1), count - 1)
+        head, tail = "\n".join(code[:split]), "\n".join(code[split:])
+        if not tail.strip():
+            continue
+        yield [
+            {"role": "user", "content": f"Continue this function from `{relative}`:\n{head}"},
+            {"role": "model", "content": tail},
+        ]
+
+
+def build_corpus(*, fresh: bool = False) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows of ``{"messages", "category", "source"}``, the same on every run under one Python version.
+
+    ``source`` is the module a docstring comes from or the source file (relative to the standard library); a row is
+    held out when its source is. Built once per process (a copy each call) unless ``fresh``.
+    """
+    if fresh or not _BUILT:
+        _BUILT[:] = [_build_corpus()]
+    return copy.deepcopy(_BUILT[0])
+
+
+_BUILT: list[tuple[list[dict], list[dict]]] = []
+
+
+def _build_corpus() -> tuple[list[dict], list[dict]]:
     train, held_out = [], []
+
+    def add(source: str, messages: list[dict[str, str]], category: str) -> None:
+        split = held_out if zlib.crc32(source.encode()) % HELD_OUT_EVERY == 0 else train
+        split.append({"messages": messages, "category": category, "source": source})
+
     for subject, messages in _conversations(_entries()):
-        split = held_out if zlib.crc32(subject.encode()) % EVAL_EVERY == 0 else train
-        split.append({"messages": messages})
+        add(subject.split(":")[0].split(".")[0], messages, "docs")
+    for relative, path in _source_files():
+        for messages in _code_conversations(relative, path):
+            add(relative, messages, "code")
     return train, held_out
 
 
@@ -182,10 +255,10 @@ def corpus_texts(rows: list[dict]) -> Iterator[str]:
             yield message["content"]
 
 
-def train_tiny_tokenizer() -> Tokenizer:
-    """The tiny tokenizer as trained on this machine's corpus (``TOKENIZER_ASSET`` is this, under Python 3.11)."""
+def train_embedded_tokenizer() -> Tokenizer:
+    """The tokenizer as trained on this machine's corpus (``EMBEDDED_TOKENIZER_ASSET`` is this, under Python 3.11)."""
     train, _ = build_corpus()
-    return build_tiny_tokenizer(corpus_texts(train), vocab_size=512)
+    return build_tiny_tokenizer(corpus_texts(train), vocab_size=VOCAB_SIZE)
 
 
 def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
@@ -207,9 +280,9 @@ def ensure_embedded_dataset(root: str | pathlib.Path, *, retrain_tokenizer: bool
         _write_jsonl(staging / "train.jsonl", train)
         _write_jsonl(staging / "eval.jsonl", held_out)
         if retrain_tokenizer:
-            build_tiny_tokenizer(corpus_texts(train)).save(str(staging / "tokenizer.json"))
+            build_tiny_tokenizer(corpus_texts(train), VOCAB_SIZE).save(str(staging / "tokenizer.json"))
         else:
-            shutil.copyfile(TOKENIZER_ASSET, staging / "tokenizer.json")
+            shutil.copyfile(EMBEDDED_TOKENIZER_ASSET, staging / "tokenizer.json")
         info = {"version": VERSION, "python": platform.python_version(), "train": len(train), "eval": len(held_out)}
         (staging / "manifest.json").write_text(json.dumps(info, indent=1))
         for name in ("train.jsonl", "eval.jsonl", "tokenizer.json", "manifest.json"):  # manifest last

@@ -1,4 +1,4 @@
-"""The embedded corpus: built once, deterministic, valid rows, a train/eval split, and the tiny tokenizer."""
+"""The embedded corpus: built once, deterministic, valid rows, a train/eval split by source file, the tokenizer."""
 
 import json
 
@@ -13,15 +13,21 @@ def _read(path):
 
 def test_builds_train_eval_and_tokenizer(embedded_paths):
     train, held_out = _read(embedded_paths.train), _read(embedded_paths.eval)
-    assert 2000 <= len(train) <= 10000 and 50 <= len(held_out) <= len(train) // 10
+    assert 5000 <= len(train) <= 40000 and 200 <= len(held_out) <= len(train) // 4
     for row in train + held_out:
         assert isinstance(parse_row(row), list)  # every row is a valid conversation with a model turn
-    assert not [row for row in held_out if row in train]  # held-out conversations are unseen
-    assert load_tokenizer(embedded_paths.tokenizer).token_to_id("<turn|>") == 106
+    for rows in (train, held_out):
+        assert {row["category"] for row in rows} == {"docs", "code"}
+    tokenizer = load_tokenizer(embedded_paths.tokenizer)
+    assert tokenizer.get_vocab_size() == embedded.VOCAB_SIZE and tokenizer.token_to_id("<turn|>") == 106
 
 
-def test_is_deterministic():
-    assert embedded.build_corpus() == embedded.build_corpus()
+def test_the_split_is_by_source_file_and_disjoint(embedded_paths):
+    train, held_out = _read(embedded_paths.train), _read(embedded_paths.eval)
+    train_sources, held_out_sources = {r["source"] for r in train}, {r["source"] for r in held_out}
+    assert not train_sources & held_out_sources  # held-out prompts come from files the target never saw
+    assert {s for s in held_out_sources if s.endswith(".py")} and {s for s in held_out_sources if "." not in s}
+    assert not [row for row in held_out if row in train]
 
 
 def test_ensure_is_idempotent(embedded_paths):
@@ -31,11 +37,11 @@ def test_ensure_is_idempotent(embedded_paths):
 
 
 def test_files_match_a_fresh_build(embedded_paths):
-    train, held_out = embedded.build_corpus()
+    """Deterministic: a second build in this process gives the same rows and the same split."""
+    train, held_out = embedded.build_corpus(fresh=True)
     assert _read(embedded_paths.train) == train and _read(embedded_paths.eval) == held_out
 
 
-def test_retrained_tokenizer_keeps_gemma4_ids(tmp_path):
-    paths = embedded.ensure_embedded_dataset(tmp_path, retrain_tokenizer=True)
-    tokenizer = load_tokenizer(paths.tokenizer)
+def test_retrained_tokenizer_keeps_gemma4_ids(embedded_paths):
+    tokenizer = embedded.build_tiny_tokenizer(embedded.corpus_texts(_read(embedded_paths.eval)), vocab_size=600)
     assert (tokenizer.token_to_id("<|turn>"), tokenizer.token_to_id("<eos>")) == (105, 1)
