@@ -58,6 +58,7 @@ class DrafterConfig:
     centroid_intermediate_top_k: int = 32
     max_draft_len: int = 8
     final_logit_softcapping: float | None = None
+    attention_impl: str = "auto"  # ours: see ``mtp.target.attention.attend``
 
     def __post_init__(self):
         if len(self.layer_types) != self.num_layers:
@@ -110,7 +111,7 @@ class DrafterConfig:
             rms_norm_eps=target.rms_norm_eps,
             backbone_hidden_size=target.hidden_size,
             vocab_size=target.vocab_size,
-            **kwargs,
+            **{"attention_impl": target.attention_impl} | kwargs,
         )
         config.validate_against(target)
         return config

@@ -38,6 +38,11 @@ class DrafterFeatures:
     projected: jax.Array
 
 
+def wide(x: jax.Array) -> jnp.dtype:
+    """Logits accumulate in float32 (or wider): they feed a softmax, and bf16 rounds ±30 in steps of 0.125."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 class TokenOrdering(nnx.Variable):
     """Canonical token id of each slot of the cluster-ordered vocabulary: loaded, never trained by gradient."""
 
@@ -105,6 +110,7 @@ class Drafter(nnx.Module):
         segments_BT: Int[Array, "B T"] | None = None,
         key_segments_BS: Int[Array, "B S"] | None = None,
         dtype: jnp.dtype = jnp.float32,
+        remat_layers: bool = False,
     ) -> DrafterFeatures:
         """Everything up to the head (training runs the vocabulary projection itself, in chunks).
 
@@ -113,6 +119,7 @@ class Drafter(nnx.Module):
         constant over the draft steps). ``target_kv`` holds the K/V of the target's producer layers; see
         ``target_kv_mask`` for what each query sees. With ``segments`` (packed sequences) a query sees only K/V
         slots of its own segment (``key_segments``). A query that sees no slot gets a zero attention output.
+        ``remat_layers`` recomputes each layer in the backward pass instead of keeping its activations.
         """
         config = self.config
         if (segments_BT is None) != (key_segments_BS is None):
@@ -134,13 +141,17 @@ class Drafter(nnx.Module):
             blocks[layer_type] = (kv.keys, kv.values, mask_BTS)
             visible[layer_type] = jnp.any(mask_BTS, axis=-1)[:, :, None, None]
 
-        for i, layer in enumerate(self.layers):
-            layer_type = config.layer_types[i]
+        def one_layer(layer, layer_type, x_BTD):
             h_BTD = layer.input_norm(x_BTD)
             q_BTNH = layer.attn.queries(h_BTD, *rope[layer_type])
-            attn_BTNH = jnp.where(visible[layer_type], attend(q_BTNH, [blocks[layer_type]]), 0)
+            attn_BTNH = jnp.where(visible[layer_type], attend(q_BTNH, [blocks[layer_type]], config.attention_impl), 0)
             x_BTD = x_BTD + layer.post_attn_norm(layer.attn.output(attn_BTNH))
-            x_BTD = layer.feed_forward(x_BTD, None)
+            return layer.feed_forward(x_BTD, None)
+
+        if remat_layers:  # the backward pass keeps each layer's input only, and recomputes the rest
+            one_layer = nnx.remat(one_layer, static_argnums=(1,))
+        for i, layer in enumerate(self.layers):
+            x_BTD = one_layer(layer, config.layer_types[i], x_BTD)
 
         h_BTD = self.final_norm(x_BTD)
         projected_BTU = jnp.einsum("BTD,DU->BTU", h_BTD, self.post_projection[...].astype(dtype))
@@ -154,7 +165,7 @@ class Drafter(nnx.Module):
 
     def full_logits(self, h_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """The tied head over the whole vocabulary (the masked head keeps these scores for its chosen tokens)."""
-        return jnp.einsum("BTD,VD->BTV", h_BTD, self.embed[...].astype(h_BTD.dtype))
+        return jnp.einsum("BTD,VD->BTV", h_BTD, self.embed[...].astype(h_BTD.dtype), preferred_element_type=wide(h_BTD))
 
     def centroid_scores(self, h_BTD: Float[Array, "B T D"]) -> Float[Array, "B T C"]:
         return jnp.einsum("BTD,DC->BTC", h_BTD, self.centroids[...].astype(h_BTD.dtype))
@@ -172,7 +183,7 @@ class Drafter(nnx.Module):
         _, top_BTJ = jax.lax.top_k(self.centroid_scores(h_BTD), config.centroid_intermediate_top_k)
         ordering_CR = self.token_ordering[...].reshape(config.num_centroids, -1)
         ids_BTM = ordering_CR[top_BTJ].reshape(batch, length, -1)
-        selected_BTM = jnp.einsum("BTD,BTMD->BTM", h_BTD, embed_VD[ids_BTM])
+        selected_BTM = jnp.einsum("BTD,BTMD->BTM", h_BTD, embed_VD[ids_BTM], preferred_element_type=wide(h_BTD))
         fill_BT1 = jnp.min(selected_BTM, axis=-1, keepdims=True) - 1
         logits_BTV = jnp.broadcast_to(fill_BT1, (batch, length, config.vocab_size))
         b_BTM = jnp.arange(batch)[:, None, None]

@@ -15,8 +15,34 @@ from mtp.target.layers import RMSNorm, apply_rope, param, rms_norm
 KVBlock = tuple[jax.Array, jax.Array, jax.Array]
 
 
-def attend(q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock]) -> Float[Array, "B T N H"]:
-    """Softmax attention (scale 1.0) over several key blocks at once, so a cache and a new chunk need no concat."""
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "fused")
+# Past this many queries "auto" goes blockwise: decoding (T = 1..k+1) and short prompts keep the dense path.
+QUERY_CHUNK = 256
+KEY_CHUNK = 512
+
+
+def attend(q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock], implementation: str = "auto",
+           *, query_chunk: int | None = None, key_chunk: int | None = None) -> Float[Array, "B T N H"]:  # fmt: skip
+    """Softmax attention (scale 1.0) over several key blocks at once, so a cache and a new chunk need no concat.
+
+    ``dense`` builds the [T, S] scores; ``blockwise`` never does (query chunks under remat, key chunks with an online
+    softmax); ``fused`` is ``jax.nn.dot_product_attention`` (cuDNN on GPU). ``auto``: dense up to ``query_chunk``
+    queries, else blockwise. A query that sees no key gets the mean of all values under dense and blockwise.
+    """
+    query_chunk, key_chunk = query_chunk or QUERY_CHUNK, key_chunk or KEY_CHUNK
+    if implementation == "auto":
+        implementation = "dense" if q_BTNH.shape[1] <= query_chunk else "blockwise"
+    if implementation == "dense":
+        return dense_attend(q_BTNH, blocks)
+    if implementation == "blockwise":
+        return blockwise_attend(q_BTNH, blocks, query_chunk, key_chunk)
+    if implementation == "fused":
+        return fused_attend(q_BTNH, blocks)
+    raise ValueError(f"attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}.")
+
+
+def dense_attend(q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock]) -> Float[Array, "B T N H"]:
+    """The reference: float32 (or wider) scores [B, K, G, T, S] over all blocks, one softmax."""
     batch, length, heads, head_dim = q_BTNH.shape
     kv_heads = blocks[0][0].shape[1]
     q_BTKGH = q_BTNH.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
@@ -33,6 +59,81 @@ def attend(q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock]) -> Float[
         out_BTKGH = out_BTKGH + jnp.einsum("BKGTS,BKSH->BTKGH", p_BKGTS, v_BKSH.astype(q_BTNH.dtype))
         start += k_BKSH.shape[2]
     return out_BTKGH.reshape(batch, length, heads, head_dim)
+
+
+def _concat_padded(blocks: Sequence[KVBlock], dtype: jnp.dtype, key_chunk: int) -> tuple[jax.Array, ...]:
+    """All blocks as one [B, K, S', H] key/value pair and a [B, T, S'] mask, S' padded to whole key chunks."""
+    keys = jnp.concatenate([k.astype(dtype) for k, _, _ in blocks], axis=2)
+    values = jnp.concatenate([v.astype(dtype) for _, v, _ in blocks], axis=2)
+    mask = jnp.concatenate([m for _, _, m in blocks], axis=2)
+    pad = (-keys.shape[2]) % key_chunk
+    real = jnp.pad(jnp.ones(keys.shape[2], bool), (0, pad))  # padding slots, unlike masked keys, weigh nothing
+    keys, values = (jnp.pad(x, [(0, 0), (0, 0), (0, pad), (0, 0)]) for x in (keys, values))
+    return keys, values, jnp.pad(mask, [(0, 0), (0, 0), (0, pad)]), real
+
+
+def blockwise_attend(q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock], query_chunk: int,
+                     key_chunk: int) -> Float[Array, "B T N H"]:  # fmt: skip
+    """Attention in [query_chunk, key_chunk] tiles: the backward pass recomputes one query chunk at a time."""
+    batch, length, heads, head_dim = q_BTNH.shape
+    kv_heads = blocks[0][0].shape[1]
+    dtype, compute = q_BTNH.dtype, jnp.promote_types(q_BTNH.dtype, jnp.float32)
+    key_chunk = min(key_chunk, sum(k.shape[2] for k, _, _ in blocks))
+    query_chunk = min(query_chunk, length)
+    keys_BKSH, values_BKSH, mask_BTS, real_S = _concat_padded(blocks, dtype, key_chunk)
+    num_keys = keys_BKSH.shape[2] // key_chunk
+
+    def tiles(x, axis):  # [..., S', ...] -> [S'/c, ..., c, ...] for the key scan
+        x = x.reshape(*x.shape[:axis], num_keys, key_chunk, *x.shape[axis + 1 :])
+        return jnp.moveaxis(x, axis, 0)
+
+    k_tiles, v_tiles, real_tiles = tiles(keys_BKSH, 2), tiles(values_BKSH, 2), real_S.reshape(num_keys, key_chunk)
+    q_pad = (-length) % query_chunk
+    q_BTKGH = jnp.pad(q_BTNH, [(0, 0), (0, q_pad), (0, 0), (0, 0)]).reshape(batch, -1, kv_heads, heads // kv_heads,
+                                                                            head_dim)  # fmt: skip
+    mask_BTS = jnp.pad(mask_BTS, [(0, 0), (0, q_pad), (0, 0)])
+    num_queries = q_BTKGH.shape[1] // query_chunk
+    q_chunks = jnp.moveaxis(q_BTKGH.reshape(batch, num_queries, query_chunk, *q_BTKGH.shape[2:]), 1, 0)
+    mask_chunks = jnp.moveaxis(mask_BTS.reshape(batch, num_queries, query_chunk, -1), 1, 0)
+    lowest = jnp.finfo(compute).min
+
+    @jax.checkpoint
+    def one_query_chunk(q_BTKGH, mask_BTS):
+        def one_key_chunk(carry, tile):
+            max_BKGT, sum_BKGT, acc_BKGTH = carry
+            k_BKSH, v_BKSH, mask_BTS, real_S = tile
+            s_BKGTS = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH, preferred_element_type=compute)
+            s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, lowest)
+            s_BKGTS = jnp.where(real_S, s_BKGTS, -jnp.inf)
+            # The running max only keeps exp() in range: the result does not depend on it, so no gradient flows.
+            new_max = jax.lax.stop_gradient(jnp.maximum(max_BKGT, jnp.max(s_BKGTS, axis=-1)))
+            rescale = jnp.exp(max_BKGT - new_max)
+            p_BKGTS = jnp.exp(s_BKGTS - new_max[..., None])
+            pv_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", p_BKGTS.astype(dtype), v_BKSH, preferred_element_type=compute)
+            return (new_max, rescale * sum_BKGT + jnp.sum(p_BKGTS, axis=-1),
+                    rescale[..., None] * acc_BKGTH + pv_BKGTH), None  # fmt: skip
+
+        shape = (batch, kv_heads, heads // kv_heads, query_chunk)
+        init = (jnp.full(shape, lowest, compute), jnp.zeros(shape, compute), jnp.zeros((*shape, head_dim), compute))
+        mask_tiles = tiles(mask_BTS, 2)
+        (_, sum_BKGT, acc_BKGTH), _ = jax.lax.scan(one_key_chunk, init, (k_tiles, v_tiles, mask_tiles, real_tiles))
+        return (acc_BKGTH / sum_BKGT[..., None]).astype(dtype)
+
+    out_QBKGTH = jax.lax.map(lambda xs: one_query_chunk(*xs), (q_chunks, mask_chunks))
+    out_BTNH = jnp.einsum("QBKGTH->BQTKGH", out_QBKGTH).reshape(batch, -1, heads, head_dim)
+    return out_BTNH[:, :length]
+
+
+def fused_attend(q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock]) -> Float[Array, "B T N H"]:
+    """``jax.nn.dot_product_attention`` (cuDNN's fused kernel on GPU, XLA elsewhere); rows that see no key get 0."""
+    dtype = q_BTNH.dtype
+    keys = jnp.concatenate([k.astype(dtype) for k, _, _ in blocks], axis=2).swapaxes(1, 2)
+    values = jnp.concatenate([v.astype(dtype) for _, v, _ in blocks], axis=2).swapaxes(1, 2)
+    mask_BTS = jnp.concatenate([m for _, _, m in blocks], axis=2)
+    on_gpu = jax.default_backend() == "gpu"
+    out_BTNH = jax.nn.dot_product_attention(q_BTNH, keys, values, mask=mask_BTS[:, None], scale=1.0,
+                                            implementation="cudnn" if on_gpu else None)  # fmt: skip
+    return jnp.where(jnp.any(mask_BTS, axis=-1)[:, :, None, None], out_BTNH, 0)
 
 
 def chunk_mask(positions_BT: jax.Array, valid_BT: jax.Array, segments_BT: jax.Array | None,

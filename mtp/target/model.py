@@ -111,7 +111,9 @@ class Gemma4(nnx.Module):
         return table[tokens_BT] * jnp.asarray(math.sqrt(self.config.hidden_size), table.dtype)
 
     def logits(self, hidden_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-        logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, self.embed[...].astype(hidden_BTD.dtype))
+        """Float32 (or wider) logits: bf16 would round logits near ±30 in steps of 0.125 before any softmax."""
+        logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, self.embed[...].astype(hidden_BTD.dtype),
+                                preferred_element_type=jnp.promote_types(hidden_BTD.dtype, jnp.float32))  # fmt: skip
         if (cap := self.config.final_logit_softcapping) is not None:
             logits_BTV = jnp.tanh(logits_BTV / cap) * cap
         return logits_BTV
@@ -190,7 +192,8 @@ class Gemma4(nnx.Module):
                 blocks[i] = kv
             kv = blocks[config.kv_source(i)]
             q_BTNH = layer.attn.queries(h_BTD, cos_BTH, sin_BTH)
-            attn_BTNH = attend(q_BTNH, [(k, v, m) for (k, v), m in zip(kv, masks[layer_type], strict=True)])
+            kv_blocks = [(k, v, m) for (k, v), m in zip(kv, masks[layer_type], strict=True)]
+            attn_BTNH = attend(q_BTNH, kv_blocks, config.attention_impl)
             x_BTD = x_BTD + layer.post_attn_norm(layer.attn.output(attn_BTNH))
             x_BTD = layer.feed_forward(x_BTD, None if ple_BTLG is None else ple_BTLG[:, :, i])
 

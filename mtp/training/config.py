@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
         }
     )
     c.loss = ml_collections.ConfigDict(
-        {"depth": 4, "divergence": "kl", "depth_decay": 0.8, "chunk_size": 256, "centroid_weight": 1.0}
+        {"depth": 4, "divergence": "kl", "depth_decay": 0.8, "chunk_size": 256, "centroid_weight": 1.0, "remat": "none"}
     )
     c.optimizer = ml_collections.ConfigDict(
         {"learning_rate": 1e-3, "warmup_steps": 100, "weight_decay": 0.01, "grad_clip": 1.0, "b1": 0.9,

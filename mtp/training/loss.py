@@ -20,6 +20,8 @@ from mtp.target.model import Gemma4, TargetOutput
 from mtp.training.centroids import centroid_loss
 
 DIVERGENCES = ("kl", "tv")
+# What the backward pass of the drafter's unroll keeps: everything, each layer's input, or each depth's input.
+REMAT = ("none", "layer", "depth")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +31,11 @@ class LossConfig:
     depth_decay: float = 0.8
     chunk_size: int = 128
     centroid_weight: float = 1.0
+    remat: str = "none"
 
     def __post_init__(self):
+        if self.remat not in REMAT:
+            raise ValueError(f"loss.remat={self.remat!r}; choose one of {REMAT}.")
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"loss.divergence={self.divergence!r}; choose one of {DIVERGENCES}.")
         if self.depth < 1:
@@ -56,8 +61,8 @@ def frozen_target(target: Gemma4, batch: dict, dtype: jnp.dtype) -> TargetOutput
     return jax.lax.stop_gradient(out)
 
 
-def divergence(teacher_logits: jax.Array, student_logits: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
-    """Per-position loss and whether the argmaxes agree (the expected greedy acceptance)."""
+def divergence(teacher_logits: jax.Array, student_logits: jax.Array, kind: str) -> jax.Array:
+    """Per-position loss between the teacher's and the student's (full-vocabulary) distributions."""
     p = jax.nn.softmax(teacher_logits.astype(jnp.float32), axis=-1)
     log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
     if kind == "kl":
@@ -65,8 +70,19 @@ def divergence(teacher_logits: jax.Array, student_logits: jax.Array, kind: str) 
         loss = jnp.sum(p * (log_p - log_q), axis=-1)
     else:  # total variation: 1 - Σ min(p, q) is the probability a sampled draft is rejected
         loss = 1.0 - jnp.sum(jnp.minimum(p, jnp.exp(log_q)), axis=-1)
-    agree = jnp.argmax(teacher_logits, axis=-1) == jnp.argmax(student_logits, axis=-1)
-    return loss, agree
+    return loss
+
+
+def drafted_tokens(drafter: nnx.Module, h_BTD: jax.Array, logits_BTV: jax.Array) -> jax.Array:
+    """The greedy draft of the head the drafter drafts with: the tied head's argmax, or (centroid head) the argmax
+    over the tokens of its top clusters, as ``Drafter.masked_logits`` proposes them, from the full logits."""
+    if drafter.centroids is None:
+        return jnp.argmax(logits_BTV, axis=-1)
+    batch, length, _ = h_BTD.shape
+    _, top_BTJ = jax.lax.top_k(drafter.centroid_scores(h_BTD), drafter.config.centroid_intermediate_top_k)
+    ids_BTM = drafter.token_ordering[...].reshape(drafter.config.num_centroids, -1)[top_BTJ].reshape(batch, length, -1)
+    best_BT1 = jnp.argmax(jnp.take_along_axis(logits_BTV, ids_BTM, axis=-1), axis=-1, keepdims=True)
+    return jnp.take_along_axis(ids_BTM, best_BT1, axis=-1)[..., 0]
 
 
 def centroid_head_loss(drafter: nnx.Module, h_BTD: jax.Array, teacher_BTV: jax.Array, mask_BT: jax.Array):
@@ -91,7 +107,9 @@ def chunked_depth_loss(target: Gemma4, drafter: nnx.Module, teacher_h_BTD, stude
     def one(carry, xs):
         teacher_h, student_h, mask = xs
         teacher = target.logits(teacher_h)
-        loss, agree = divergence(teacher, drafter.full_logits(student_h), config.divergence)
+        student = drafter.full_logits(student_h)
+        loss = divergence(teacher, student, config.divergence)
+        agree = jnp.argmax(teacher, axis=-1) == drafted_tokens(drafter, student_h, student)
         extra = centroid_head_loss(drafter, student_h, teacher, mask)
         mask = mask.astype(jnp.float32)
         sums = (jnp.sum(loss * mask), jnp.sum(agree * mask), extra[0], extra[1])
@@ -117,8 +135,15 @@ class Depth:
 
 
 def unroll(drafter: nnx.Module, target: Gemma4, target_out: TargetOutput, batch: dict, depth: int,
-           dtype: jnp.dtype = jnp.float32) -> list[Depth]:  # fmt: skip
+           dtype: jnp.dtype = jnp.float32, remat: str = "none") -> list[Depth]:  # fmt: skip
     """The drafter's first ``depth`` draft steps at every anchor of a teacher-forced packed batch."""
+
+    def features(drafter, embed_BTD, state_BTD, positions, kv, segments):
+        return drafter.features(embed_BTD, state_BTD, positions, kv, segments_BT=segments, key_segments_BS=segments,
+                                dtype=dtype, remat_layers=remat == "layer")  # fmt: skip
+
+    if remat == "depth":  # the backward pass keeps each depth's inputs only, and recomputes the depth
+        features = nnx.remat(features)
     tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
     loss_mask = batch["loss_mask"].astype(bool)
     state_BTD = shift(target_out.hidden, -1)  # h_{p-1}: the state that produced x_p
@@ -129,10 +154,9 @@ def unroll(drafter: nnx.Module, target: Gemma4, target_out: TargetOutput, batch:
         # Predicting x_{p+j+1}: it must exist in this document and be a trained (model-turn) token.
         valid_BT = anchor_ok & same_doc & (shift(segments, j + 1) == segments) & shift(loss_mask, j + 1, False)
         embed_BTD = target.embed_tokens(shift(tokens, j)).astype(dtype)
-        features = drafter.features(embed_BTD, state_BTD, positions, target_out.drafter_kv, segments_BT=segments,
-                                    key_segments_BS=segments, dtype=dtype)  # fmt: skip
-        depths.append(Depth(features, shift(target_out.hidden, j), valid_BT))
-        state_BTD = features.projected
+        out = features(drafter, embed_BTD, state_BTD, positions, target_out.drafter_kv, segments)
+        depths.append(Depth(out, shift(target_out.hidden, j), valid_BT))
+        state_BTD = out.projected
     return depths
 
 
@@ -141,7 +165,7 @@ def distill_loss(drafter: nnx.Module, target: Gemma4, target_out: TargetOutput, 
     """Weighted loss over depths and metrics: per-depth top-1 agreement, loss, and centroid coverage."""
     total, weight_sum = 0.0, 0.0
     metrics = {"loss_per_depth": [], "top1_agreement": [], "centroid_coverage": []}
-    for j, d in enumerate(unroll(drafter, target, target_out, batch, config.depth, dtype)):
+    for j, d in enumerate(unroll(drafter, target, target_out, batch, config.depth, dtype, config.remat)):
         loss_sum, agree_sum, aux_sum, cover_sum = chunked_depth_loss(
             target, drafter, d.teacher_hidden_BTD, d.features.normed, d.valid_BT, config
         )

@@ -12,7 +12,7 @@ from mtp.drafter.model import Drafter
 from mtp.target.cache import KVCache
 from mtp.target.config import config_from_hf
 from mtp.target.model import Gemma4, drafter_kv_from_cache
-from mtp.training.loss import LossConfig, distill_loss, frozen_target, unroll
+from mtp.training.loss import LossConfig, distill_loss, drafted_tokens, frozen_target, unroll
 from tests import hf_oracle
 
 DEPTH = 3
@@ -140,7 +140,10 @@ def test_the_loss_is_the_decayed_mean_of_the_per_depth_divergences(target):
     def run(drafter, target, target_out, batch):
         depths = unroll(drafter, target, target_out, batch, DEPTH)
         parts = [(drafter.full_logits(d.features.normed), drafter.centroid_scores(d.features.normed),
-                  target.logits(d.teacher_hidden_BTD), d.valid_BT) for d in depths]  # fmt: skip
+                  target.logits(d.teacher_hidden_BTD), d.valid_BT,
+                  jnp.argmax(drafter.logits(d.features.normed), axis=-1),
+                  drafted_tokens(drafter, d.features.normed, drafter.full_logits(d.features.normed)))
+                 for d in depths]  # fmt: skip
         return distill_loss(drafter, target, target_out, batch, config), parts
 
     (loss, metrics), parts = jax.device_get(run(drafter, target, target_forward(target, batch), batch))
@@ -152,8 +155,8 @@ def test_the_loss_is_the_decayed_mean_of_the_per_depth_divergences(target):
         x = x - x.max(-1, keepdims=True)
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
-    total, kl_per_depth, coverage = 0.0, [], []
-    for j, (student, scores, teacher, valid) in enumerate(parts):
+    total, kl_per_depth, coverage, agreement = 0.0, [], [], []
+    for j, (student, scores, teacher, valid, drafted, from_full) in enumerate(parts):
         valid = np.asarray(valid)
         log_p, log_q = log_softmax(teacher)[valid], log_softmax(student)[valid]
         kl = np.sum(np.exp(log_p) * (log_p - log_q), -1)
@@ -163,6 +166,38 @@ def test_the_loss_is_the_decayed_mean_of_the_per_depth_divergences(target):
         total += 0.5**j * (kl.sum() + 0.3 * ce.sum()) / valid.sum()
         kl_per_depth.append(kl.mean())
         coverage.append(np.mean(np.any(top4 == wanted[:, None], -1)))
+        # What inference sees: the centroid-masked head's proposal (the unroll's proposals are draft()'s, as the
+        # test above shows), not the full head's argmax.
+        agreement.append(np.mean(drafted[valid] == np.argmax(np.asarray(teacher)[valid], -1)))
+        np.testing.assert_array_equal(from_full, drafted, err_msg=f"depth {j}: the metrics' drafted tokens")
+        assert np.any(drafted != np.argmax(student, -1)), "the fixture should tell the two heads apart"
     np.testing.assert_allclose(loss, total / (1 + 0.5 + 0.25), rtol=1e-5)
     np.testing.assert_allclose(metrics["loss_per_depth"], kl_per_depth, rtol=1e-5)
     np.testing.assert_allclose(metrics["centroid_coverage"], coverage, rtol=1e-6)
+    np.testing.assert_allclose(metrics["top1_agreement"], agreement, rtol=1e-6)
+
+
+def test_remat_changes_neither_the_loss_nor_the_gradients(target):
+    """Rematerializing each drafter layer or each whole depth recomputes the same numbers."""
+    drafter = make_drafter(target, ordered=False)
+    rng = np.random.default_rng(2)
+    batch = packed_batch([{d: rng.integers(3, hf_oracle.VOCAB, n) for d, n in DOCS.items()} for _ in CASES])
+    target_out = target_forward(target, batch)
+
+    @jax.jit
+    def grads(params, rest):
+        out = {}
+        for remat in ("none", "layer", "depth"):
+            config = LossConfig(depth=DEPTH, chunk_size=8, remat=remat)
+
+            def loss_fn(p, config=config):
+                return distill_loss(nnx.merge(graph, p, rest), target, target_out, batch, config)[0]
+
+            out[remat] = jax.value_and_grad(loss_fn)(params)
+        return out
+
+    graph, params, rest = nnx.split(drafter, nnx.Param, ...)
+    out = jax.device_get(grads(params, rest))
+    for remat in ("layer", "depth"):
+        for got, want in zip(jax.tree.leaves(out[remat]), jax.tree.leaves(out["none"]), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5, err_msg=remat)
