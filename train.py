@@ -8,22 +8,25 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the exported drafter go here.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Also show the INFO logs of orbax, absl, grain and jax.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
+    from mtp.logs import setup_logging
+
+    setup_logging(verbose=_VERBOSE.value)  # first: some libraries log while being imported
     import jax
 
-    from mtp.training.trainer import train
+    from mtp.training.run import run
 
     if os.environ.get("MTP_DISTRIBUTED"):
         jax.distributed.initialize()  # multi-host: reads the TPU / SLURM / JAX_* environment
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),
                  jax.devices()[0].platform)  # fmt: skip
-    train(_CONFIG.value, _WORKDIR.value)
+    run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,27 @@
-"""The embedded tiny target: a 4-layer Gemma 4 causal LM pretrained on the embedded stdlib chat corpus.
+"""The embedded target: a 12-layer Gemma 4 causal LM (11.7M parameters) pretrained on the embedded stdlib corpus.
 
     python -m mtp.training.tiny_target --config configs/tiny_target.py --workdir /tmp/mtp_cache
 
 Writes a Gemma4ForCausalLM directory (config.json, model.safetensors, tokenizer.json, manifest.json) to
-WORKDIR/tiny_target, once; ``configs/tiny.py`` gets it this way (in $MTP_CACHE or ~/.cache/mtp). Expected on 2 CPU
-cores: 40-65 s (120 steps of 16 x 128 tokens at 0.25-0.45 s each, plus ~10 s of compiling), held-out loss 2.04
-nats/token (chance: ln 512 = 6.24), bit-identical on every run. ``:test`` is the seconds-long variant the tests run.
+WORKDIR/tiny_target, once; ``configs/tiny.py`` gets it this way (in $MTP_CACHE or ~/.cache/mtp). Its tokenizer is
+the embedded byte-level BPE of 4,096 ids (Gemma 4's control ids, trained on the corpus, shipped as an asset). The
+held-out loss and perplexity are logged and kept in manifest.json. ``:test`` is the seconds-long variant the tests
+run.
+
+The shape was chosen by measurement (``benchmarks/tiny_target_shapes.py``: random weights, batch 1, greedy, 64
+new tokens, a 2-layer 64-wide drafter; one process, medians of interleaved repetitions, on a 2-core CPU under load
+~5, so absolute figures are pessimistic). Speedup = plain ms/token × τ ÷ round ms at k = 4:
+
+| target | params | train tok/s | decode ms/token | drafter ms/step | target/drafter | round k=4 ms | speedup τ 2.5/3 |
+|---|---|---|---|---|---|---|---|
+| 4L w128 V512 (the old one) | 1.1M | 1,356 | 0.55 | 0.56 | 1.0 | 2.47 | 0.55 / 0.66 |
+| 12L w256 V4096 (this one) | 11.7M | 305 | 6.33 | 0.87 | 7.3 | 11.56 | 1.37 / 1.64 |
+| 12L w256 V4096, trained, main job | 11.7M | 540 | 6.0 | ~1.6 (128 wide) | ~4 | 14.4 | 1.38 at τ 3.29 |
+
+24 layers of width 256 (about 12 ms per token, a ratio near 14) compiled and trained too slowly to finish this
+measurement under that load, and pretraining them would take about twice this target's 15 minutes; so the ratio of
+16 the issue asked for is not reached on 2 cores within the job's budget. Verifying 5 tokens costs ~1.3 decode
+steps here (XLA:CPU's small GEMM vs its one-row GEMV), which caps the speedup further.
 """
 
 import ml_collections
@@ -16,25 +32,27 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.num_train_steps = 120
+    config.num_train_steps = 240
     config.batch_size = 16
     config.seq_len = 128
-    config.log_every_steps = 20
-    config.eval_batches = 8  # covers the held-out split (~14k tokens) at batch 16 x 128
-    # A real Gemma 4 shape in miniature (fields of mtp.target.Gemma4Config; the tiny tokenizer's 512 ids).
+    config.log_every_steps = 10
+    config.eval_batches = 16  # 16 x 16 x 128 tokens of the held-out split
+    # A real Gemma 4 shape in miniature (fields of mtp.target.Gemma4Config): 5 sliding layers to 1 global.
     config.model = ml_collections.ConfigDict(
-        {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 512, "num_layers": 4, "num_heads": 4,
-         "num_kv_heads": 1, "head_dim": 32, "global_head_dim": 64, "layer_types": (SLIDING, SLIDING, SLIDING, FULL),
-         "sliding_window": 64, "final_logit_softcapping": 30.0}
+        {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 1024, "num_layers": 12, "num_heads": 4,
+         "num_kv_heads": 1, "head_dim": 64, "global_head_dim": 128, "layer_types": ((SLIDING,) * 5 + (FULL,)) * 2,
+         "sliding_window": 128, "final_logit_softcapping": 30.0}
     )  # fmt: skip
     # Tied embeddings: a small embedding makes the first logits ~0 (loss ln V) instead of sqrt(D)-scaled noise.
     config.embed_init_std = 0.02
     config.optimizer = ml_collections.ConfigDict(
-        {"learning_rate": 6e-3, "warmup_steps": 12, "weight_decay": 0.01, "grad_clip": 1.0, "b1": 0.9, "b2": 0.95,
+        {"learning_rate": 3e-3, "warmup_steps": 20, "weight_decay": 0.01, "grad_clip": 1.0, "b1": 0.9, "b2": 0.95,
          "end_learning_rate_fraction": 0.1}
     )  # fmt: skip
     if arg == "test":
         config.update(num_train_steps=20, batch_size=4, seq_len=64, log_every_steps=5, eval_batches=2)
-        config.optimizer.warmup_steps = 5
+        config.model.update(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, head_dim=32,
+                            global_head_dim=32, layer_types=(SLIDING, FULL), sliding_window=32)  # fmt: skip
+        config.optimizer.update(learning_rate=1e-2, warmup_steps=5)
     config.lock()
     return config

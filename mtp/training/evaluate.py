@@ -1,8 +1,11 @@
-"""``evaluate(config, workdir)``: a trained drafter's held-out agreement and its real speculative decoding."""
+"""``evaluate(config, workdir)``: a trained drafter's held-out agreement and its real speculative decoding.
+
+Writes ``workdir/eval/results.json`` (schema in ``mtp.evaluation.results``) and prints its table. The settings come
+from ``config.evaluation`` where the config has one (``configs/tiny.py``), else from ``DEFAULTS``.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 
@@ -14,22 +17,31 @@ from flax import nnx
 
 from mtp.checkpoint import load_target
 from mtp.checkpoint.hf_drafter import load_drafter
-from mtp.data.self_distill import prompts_of
-from mtp.decoding.generate import summarize, timed_generate
+from mtp.evaluation import results
+from mtp.evaluation.prompts import EMBEDDED_HELD_OUT, conversation_prompts
+from mtp.evaluation.sweep import sweep
 from mtp.training import setup
 from mtp.training.config import loss_config
 from mtp.training.loss import distill_loss, frozen_target, simulated_acceptance_length
 
 log = logging.getLogger(__name__)
 
+DEFAULTS = {"num_prompts": 64, "max_new_tokens": 96, "draft_lens": (1, 2, 3, 4)}
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, num_prompts: int = 16,
-             max_new_tokens: int = 64) -> dict:  # fmt: skip
-    """Writes ``workdir/eval.json``: offline top-1 agreement per depth, then τ and speed from real decoding."""
+
+def settings(config: ml_collections.ConfigDict) -> dict:
+    """``config.evaluation`` over ``DEFAULTS``."""
+    own = config.evaluation.to_dict() if "evaluation" in config else {}
+    return DEFAULTS | {k: v for k, v in own.items() if k in DEFAULTS}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progress: bool = True) -> dict:
+    """Offline top-1 agreement per depth on held-out batches, then τ and speed from decoding held-out prompts."""
     workdir = pathlib.Path(workdir)
-    target_dir = setup.target_directory(config, workdir)
+    options = settings(config)
+    target_dir, drafter_dir = setup.target_directory(config, workdir), workdir / "hf"
     target = load_target(target_dir, dtype=jnp.dtype(config.target.dtype))
-    drafter = load_drafter(workdir / "hf", target_config=target.config, max_draft_len=config.drafter.max_draft_len)
+    drafter = load_drafter(drafter_dir, target_config=target.config, max_draft_len=config.drafter.max_draft_len)
     template = setup.chat_template(config, target_dir)
     _, held_out = setup.data_rows(config, workdir, target, template)
     dtype = jnp.dtype(config.compute_dtype)
@@ -38,25 +50,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, 
     def offline(drafter, target, batch):
         return distill_loss(drafter, target, frozen_target(target, batch, dtype), batch, loss_config(config), dtype)
 
-    agreements = [offline(drafter, target, b)[1]["top1_agreement"] for b in setup.eval_batches(config, held_out,
-                                                                                                 template)]  # fmt: skip
-    agreement = np.mean(jax.device_get(agreements), axis=0)
-    prompts = [template.prompt_ids(m) for m in prompts_of(held_out, num_prompts)]
-    draft_len = min(config.loss.depth, drafter.config.max_draft_len)
-    kwargs = dict(max_new_tokens=max_new_tokens, stop_tokens=template.stop_tokens)
-    plain, plain_seconds = timed_generate(target, None, prompts, draft_len=0, **kwargs)
-    spec, spec_seconds = timed_generate(target, drafter, prompts, draft_len=draft_len, **kwargs)
-    if [o.token_ids for o in plain] != [o.token_ids for o in spec]:
-        raise AssertionError("speculative greedy output differs from plain greedy output: please report this bug")
-    result = {
-        "top1_agreement": agreement.tolist(),
-        "simulated_acceptance_length": float(simulated_acceptance_length(jnp.asarray(agreement))),
-        "speculative": summarize(spec, draft_len, spec_seconds),
-        "plain": summarize(plain, 0, plain_seconds),
-        "speedup": plain_seconds / spec_seconds,
-    }
-    (workdir / "eval.json").write_text(json.dumps(result, indent=1))
-    spec = result["speculative"]
-    log.info("eval: top-1 agreement %s, τ %.3f (simulated %.3f), speedup %.2fx", np.round(agreement, 3),
-             spec["acceptance_length"], result["simulated_acceptance_length"], result["speedup"])  # fmt: skip
-    return result
+    batches = setup.eval_batches(config, held_out, template)
+    agreement = np.mean(jax.device_get([offline(drafter, target, b)[1]["top1_agreement"] for b in batches]), axis=0)
+    prompt_set = EMBEDDED_HELD_OUT if config.data.embedded else "held_out"
+    prompts = conversation_prompts(held_out, template, options["num_prompts"])
+    draft_lens = [k for k in options["draft_lens"] if k <= drafter.config.max_draft_len]
+    runs = sweep(target, drafter, prompts, draft_lens=draft_lens, max_new_tokens=options["max_new_tokens"],
+                 stop_tokens=template.stop_tokens, progress=progress)  # fmt: skip
+    records = results.records(prompt_set, prompts, runs)
+    simulated = float(simulated_acceptance_length(jnp.asarray(agreement)))
+    offline_summary = {"top1_agreement": agreement.tolist(), "simulated_acceptance_length": simulated}
+    path = results.write(workdir / "eval" / "results.json", target=target_dir, drafter=drafter_dir, records_=records,
+                         offline=offline_summary)  # fmt: skip
+    log.info("held-out top-1 agreement per depth %s (simulated τ %.2f); greedy, batch 1, %d prompts:\n%s\n"
+             "written to %s", np.round(agreement, 3), simulated, len(prompts),
+             results.table([r for r in records if r["category"] == results.ALL]), path)  # fmt: skip
+    results.check_greedy_outputs(records)
+    return {"records": records, "offline": offline_summary, "path": str(path)}

@@ -34,9 +34,10 @@ def target_directory(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
     if config.target.hf_path:
         return pathlib.Path(config.target.hf_path)
     if config.target.embedded_tiny:
-        from mtp.training.tiny_target import ensure_tiny_target
+        from mtp.training.tiny_target import default_config, ensure_tiny_target
 
-        return pathlib.Path(ensure_tiny_target(cache_root()))
+        variant = config.target.get("embedded_variant") or None
+        return pathlib.Path(ensure_tiny_target(cache_root(), default_config(variant), name=variant))
     raise ValueError("Set --config.target.hf_path to a Hugging Face Gemma 4 directory (or target.embedded_tiny).")
 
 

@@ -12,6 +12,7 @@ settings come from ``configs/tiny_target.py``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -26,11 +27,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 from flax import nnx
 
 from mtp.checkpoint.hf_export import config_to_hf, save_target
 from mtp.data.chat import ChatTemplate
-from mtp.data.embedded import ensure_embedded_dataset
+from mtp.data.embedded import EMBEDDED_TOKENIZER_ASSET, ensure_embedded_dataset
+from mtp.data.embedded import VERSION as CORPUS_VERSION
 from mtp.data.pipeline import PipelineConfig, make_eval_batches, make_train_iterator
 from mtp.data.sources import load_rows
 from mtp.data.tokenizer import load_tokenizer
@@ -40,7 +43,7 @@ from mtp.training.state import make_optimizer
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the recipe changes in a way the config does not show, so cached targets are rebuilt
+VERSION = 2  # bump when the recipe changes in a way the config does not show, so cached targets are rebuilt
 DIRECTORY = "tiny_target"
 MANIFEST = "manifest.json"
 CONFIG_FILE = pathlib.Path(__file__).resolve().parents[2] / "configs" / "tiny_target.py"
@@ -105,7 +108,8 @@ def evaluate(model: Gemma4, batches: list[dict[str, np.ndarray]]) -> float:
     return total / max(count, 1)
 
 
-def train(config: ml_collections.ConfigDict, data_root: pathlib.Path) -> tuple[Gemma4, dict]:
+def train(config: ml_collections.ConfigDict, data_root: pathlib.Path, *, progress: bool = True
+          ) -> tuple[Gemma4, dict]:  # fmt: skip
     """The trained model and what happened: losses, eval loss before and after, seconds."""
     paths = ensure_embedded_dataset(data_root)
     template = ChatTemplate(load_tokenizer(paths.tokenizer))
@@ -124,31 +128,43 @@ def train(config: ml_collections.ConfigDict, data_root: pathlib.Path) -> tuple[G
              config.num_train_steps, config.batch_size, config.seq_len, history["initial_eval_loss"],
              math.log(config.model.vocab_size))  # fmt: skip
     iterator = make_train_iterator(load_rows(str(paths.train)), template, pipeline, **one_process)
+    bar = tqdm.tqdm(total=config.num_train_steps, desc="target", disable=not progress, dynamic_ncols=True)
     start, window = time.perf_counter(), []
     try:
         for step in range(1, config.num_train_steps + 1):
             batch = {k: jnp.asarray(v) for k, v in next(iterator).items()}
             window.append(train_step(model, optimizer, batch))
+            bar.update()
             if step % config.log_every_steps == 0 or step == config.num_train_steps:
                 loss = float(np.mean(jax.device_get(window)))
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"tiny target: loss {loss} at step {step}.")
                 history["train_loss"][step] = loss
-                log.info("tiny target step %d/%d: loss %.3f (%.1f s)", step, config.num_train_steps, loss,
-                         time.perf_counter() - start)  # fmt: skip
+                tokens_per_second = step * config.batch_size * config.seq_len / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_second:.0f}")
+                log.debug("tiny target step %d/%d: loss %.3f (%.1f s)", step, config.num_train_steps, loss,
+                          time.perf_counter() - start)  # fmt: skip
                 window = []
     finally:
+        bar.close()
         iterator.close()
     history["train_seconds"] = time.perf_counter() - start
+    history["train_tokens_per_second"] = (
+        config.num_train_steps * config.batch_size * config.seq_len / history["train_seconds"]
+    )
     history["eval_loss"] = evaluate(model, eval_batches)
-    log.info("tiny target: eval loss %.3f nats/token after %.1f s of training", history["eval_loss"],
-             history["train_seconds"])  # fmt: skip
+    history["eval_perplexity"] = math.exp(history["eval_loss"])
+    log.info("tiny target: held-out loss %.3f nats/token (perplexity %.1f) after %.0f s of training (%.0f tokens/s)",
+             history["eval_loss"], history["eval_perplexity"], history["train_seconds"],
+             history["train_tokens_per_second"])  # fmt: skip
     return model, history
 
 
 def _recipe(config: ml_collections.ConfigDict) -> dict:
     """What the cached directory must have been built from: the recipe version and every setting."""
-    return {"version": VERSION, "config": json.loads(config.to_json())}
+    tokenizer = hashlib.sha256(EMBEDDED_TOKENIZER_ASSET.read_bytes()).hexdigest()
+    return {"version": VERSION, "corpus": CORPUS_VERSION, "tokenizer_sha256": tokenizer,
+            "config": json.loads(config.to_json())}  # fmt: skip
 
 
 def _complete(directory: pathlib.Path, recipe: dict) -> bool:
@@ -158,21 +174,25 @@ def _complete(directory: pathlib.Path, recipe: dict) -> bool:
 
 
 def ensure_tiny_target(root: str | os.PathLike, config: ml_collections.ConfigDict | None = None, *,
-                       steps: int | None = None, seed: int | None = None) -> pathlib.Path:  # fmt: skip
-    """``root/tiny_target``, trained on ``root/data`` the first time (``steps`` / ``seed`` override the config)."""
+                       steps: int | None = None, seed: int | None = None, name: str | None = None,
+                       progress: bool = True) -> pathlib.Path:  # fmt: skip
+    """``root/tiny_target[_name]``, trained on ``root/data`` the first time (``steps`` / ``seed`` override the config).
+
+    ``name`` (a config variant such as ``"test"``) keeps a variant's target apart from the default one.
+    """
     root = pathlib.Path(root)
     config = ml_collections.ConfigDict(default_config() if config is None else config)  # the caller's stays as it is
     if steps is not None:
         config.num_train_steps = steps
     if seed is not None:
         config.seed = seed
-    directory, recipe = root / DIRECTORY, _recipe(config)
+    directory, recipe = root / (f"{DIRECTORY}_{name}" if name else DIRECTORY), _recipe(config)
     if _complete(directory, recipe):
         return directory
     log.info("tiny target: none in %s for these settings; training one", directory)
-    model, history = train(config, root / "data")
+    model, history = train(config, root / "data", progress=progress)
     root.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(dir=root, prefix=f".{DIRECTORY}."))
+    staging = pathlib.Path(tempfile.mkdtemp(dir=root, prefix=f".{directory.name}."))
     try:
         save_target(model, staging)
         shutil.copyfile(ensure_embedded_dataset(root / "data").tokenizer, staging / "tokenizer.json")

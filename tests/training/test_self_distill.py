@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_target_answers_its_prompts_and_the_pipeline_reads_them(embedded_cache, tmp_path):
-    target_dir = embedded_cache / "tiny_target"
+    target_dir = embedded_cache / "tiny_target_test"
     target = load_target(target_dir)
     template = ChatTemplate(load_tokenizer(target_dir))
     rows = [load_rows([str(ensure_embedded_dataset(embedded_cache / "data").eval)])[i] for i in range(6)]
