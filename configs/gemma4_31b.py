@@ -15,4 +15,6 @@ from mtp.training.config import full_size_config
 
 def get_config(arg: str | None = None):
     del arg
-    return full_size_config(hidden_size=1024, num_heads=32, intermediate_size=4096, use_ordered_embeddings=False)
+    return full_size_config(
+        preset="gemma4_31b", hidden_size=1024, num_heads=32, intermediate_size=4096, use_ordered_embeddings=False
+    )

@@ -15,4 +15,6 @@ from mtp.training.config import full_size_config
 
 def get_config(arg: str | None = None):
     del arg
-    return full_size_config(hidden_size=256, num_heads=4, intermediate_size=2048, use_ordered_embeddings=True)
+    return full_size_config(
+        preset="gemma4_e4b", hidden_size=256, num_heads=4, intermediate_size=2048, use_ordered_embeddings=True
+    )

@@ -14,6 +14,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from mtp.drafter.config import DrafterConfig
+from mtp.sharding import constrain_batch
 from mtp.target.attention import attend
 from mtp.target.config import SLIDING
 from mtp.target.layers import RMSNorm, param, rope_inv_freq, rope_tables
@@ -125,7 +126,7 @@ class Drafter(nnx.Module):
         if (segments_BT is None) != (key_segments_BS is None):
             raise ValueError("Pass both segments_BT and key_segments_BS (packed sequences) or neither.")
         x_BTI = jnp.concatenate([token_embed_BTD, hidden_BTD], axis=-1).astype(dtype)
-        x_BTD = jnp.einsum("BTI,ID->BTD", x_BTI, self.pre_projection[...].astype(dtype))
+        x_BTD = constrain_batch(jnp.einsum("BTI,ID->BTD", x_BTI, self.pre_projection[...].astype(dtype)))
         rope, blocks, visible = {}, {}, {}
         for layer_type in config.attention_types:
             kv = target_kv[layer_type]
@@ -146,7 +147,7 @@ class Drafter(nnx.Module):
             q_BTNH = layer.attn.queries(h_BTD, *rope[layer_type])
             attn_BTNH = jnp.where(visible[layer_type], attend(q_BTNH, [blocks[layer_type]], config.attention_impl), 0)
             x_BTD = x_BTD + layer.post_attn_norm(layer.attn.output(attn_BTNH))
-            return layer.feed_forward(x_BTD, None)
+            return constrain_batch(layer.feed_forward(x_BTD, None))
 
         if remat_layers:  # the backward pass keeps each layer's input only, and recomputes the rest
             one_layer = nnx.remat(one_layer, static_argnums=(1,))

@@ -76,6 +76,10 @@ def apply_rope(x_BTNH: Float[Array, "B T N H"], cos_BTH: jax.Array, sin_BTH: jax
     return x_BTNH * cos + rotated * sin
 
 
+# Longer sequences run the dense MLP in chunks of this many positions.
+MLP_CHUNK = 512
+
+
 class MLP(nnx.Module):
     """Gated GELU feed-forward: ``down(gelu(gate(x)) * up(x))``."""
 
@@ -85,10 +89,21 @@ class MLP(nnx.Module):
         self.down = param(rngs, (hidden, width), ("mlp", "embed"))
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        batch, length, width = x_BTD.shape
+        if length > MLP_CHUNK and length % MLP_CHUNK == 0:  # [B, T, F] three times over is the largest temporary
+            x_CBtD = jnp.moveaxis(x_BTD.reshape(batch, length // MLP_CHUNK, MLP_CHUNK, width), 1, 0)
+            return jnp.moveaxis(jax.lax.map(self.dense, x_CBtD), 0, 1).reshape(batch, length, width)
+        return self.dense(x_BTD)
+
+    def dense(self, x_BTD: jax.Array) -> jax.Array:
         dtype = x_BTD.dtype
         gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dtype))
         up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dtype))
         return jnp.einsum("BTF,FD->BTD", gelu_tanh(gate_BTF) * up_BTF, self.down[...].astype(dtype))
+
+
+# Rows of (token, expert) pairs per matmul when the experts run in tiles: longer sequences than this use tiles.
+EXPERT_TILE = 128
 
 
 class MixtureOfExperts(nnx.Module):
@@ -117,6 +132,12 @@ class MixtureOfExperts(nnx.Module):
         return experts_Mk, weights_Mk * self.per_expert_scale[...][experts_Mk]
 
     def __call__(self, x_BTD: jax.Array, residual_BTD: jax.Array) -> jax.Array:
+        if x_BTD.shape[1] > EXPERT_TILE:  # training, long prompts: per row, in tiles (see ``tiled``)
+            return jax.vmap(self.tiled)(x_BTD, residual_BTD)
+        return self.ragged(x_BTD, residual_BTD)
+
+    def ragged(self, x_BTD: jax.Array, residual_BTD: jax.Array) -> jax.Array:
+        """All tokens of the batch sorted by expert, through ``jax.lax.ragged_dot``."""
         batch, length, width = x_BTD.shape
         x_MD = x_BTD.reshape(-1, width)
         experts_Mk, weights_Mk = self.route(residual_BTD.reshape(-1, width))
@@ -132,3 +153,33 @@ class MixtureOfExperts(nnx.Module):
         y = y * weights_Mk.reshape(-1)[order][:, None].astype(y.dtype)
         out_MD = jnp.zeros_like(x_MD).at[token_of].add(y)
         return out_MD.reshape(batch, length, width)
+
+    def tiled(self, x_TD: jax.Array, residual_TD: jax.Array) -> jax.Array:
+        """One row's experts as a scan over tiles of EXPERT_TILE sorted (token, expert) pairs of a single expert.
+
+        ``ragged_dot`` is lowered densely where no grouped kernel exists (XLA:CPU: every row times every expert),
+        and sorting a whole batch gathers it onto every device; per row and per tile, memory is one tile's.
+        """
+        width, dtype = x_TD.shape[-1], x_TD.dtype
+        num_experts, tile = self.gate_up.shape[0], EXPERT_TILE
+        experts_Tk, weights_Tk = self.route(residual_TD)
+        flat_experts = experts_Tk.reshape(-1)
+        order = jnp.argsort(flat_experts, stable=True)
+        sorted_experts = flat_experts[order]
+        sizes_E = jnp.bincount(flat_experts, length=num_experts)
+        padded_E = (sizes_E + tile - 1) // tile * tile  # every expert's group starts on a tile boundary
+        start_E, padded_start_E = jnp.cumsum(sizes_E) - sizes_E, jnp.cumsum(padded_E) - padded_E
+        slot = padded_start_E[sorted_experts] + jnp.arange(order.shape[0]) - start_E[sorted_experts]
+        num_tiles = -(-(order.shape[0] + num_experts * (tile - 1)) // tile)
+        x_PD = jnp.zeros((num_tiles * tile, width), dtype).at[slot].set(x_TD[order // self.top_k])
+        tile_expert = jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(num_tiles) * tile, side="right")
+        tile_expert = jnp.minimum(tile_expert, num_experts - 1)  # tiles past the last group hold zeros
+
+        def one_tile(_, xs):
+            x_tD, expert = xs
+            gate, up = jnp.split(x_tD @ self.gate_up[expert].astype(dtype), 2, axis=-1)
+            return None, (gelu_tanh(gate) * up) @ self.down[expert].astype(dtype)
+
+        _, y_PD = jax.lax.scan(one_tile, None, (x_PD.reshape(num_tiles, tile, width), tile_expert))
+        y = y_PD.reshape(-1, width)[slot] * weights_Tk.reshape(-1)[order][:, None].astype(dtype)
+        return jnp.zeros_like(x_TD).at[order // self.top_k].add(y)

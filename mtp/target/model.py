@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from mtp.sharding import constrain_batch
 from mtp.target import cache as cache_lib
 from mtp.target.attention import Attention, attend, cache_mask, chunk_mask
 from mtp.target.cache import KVCache
@@ -47,6 +48,20 @@ def drafter_kv_from_cache(config: Gemma4Config, cache: KVCache) -> dict[str, Lay
     }  # fmt: skip
 
 
+def layer_groups(config: Gemma4Config) -> list[tuple[int, int, int]]:
+    """(first layer, period, repeats): the K/V-owning layers, then the KV-shared ones, each as the shortest period
+    of layer types that repeats to fill it (Gemma 4: 4-5 sliding layers then a full one)."""
+    groups = []
+    for start, stop in ((0, config.first_shared_layer), (config.first_shared_layer, config.num_layers)):
+        types = config.layer_types[start:stop]
+        if types:
+            period = next(
+                p for p in range(1, len(types) + 1) if len(types) % p == 0 and types == types[:p] * (len(types) // p)
+            )
+            groups.append((start, period, len(types) // period))
+    return groups
+
+
 class DecoderLayer(nnx.Module):
     """Attention, dense MLP (+ experts), per-layer-embedding residual, and the learned layer scalar."""
 
@@ -75,6 +90,13 @@ class DecoderLayer(nnx.Module):
             self.ple_proj = param(rngs, (config.per_layer_input_dim, width), (None, "embed"))
             self.ple_norm = RMSNorm(width, eps, axis_name="embed")
         self.layer_scalar = param(None, (1,), (None,), value=1.0)
+
+    def attend_and_feed(self, x_BTD: jax.Array, h_BTD: jax.Array, rope: tuple[jax.Array, jax.Array],
+                        kv_blocks: list, ple_BTG: jax.Array | None, implementation: str) -> jax.Array:  # fmt: skip
+        """The rest of the layer once its normed input ``h`` and the K/V it reads are known."""
+        attn_BTNH = attend(self.attn.queries(h_BTD, *rope), kv_blocks, implementation)
+        x_BTD = x_BTD + self.post_attn_norm(self.attn.output(attn_BTNH))
+        return constrain_batch(self.feed_forward(x_BTD, ple_BTG))
 
     def feed_forward(self, x_BTD: jax.Array, ple_BTG: jax.Array | None) -> jax.Array:
         h_BTD = self.mlp(self.pre_ffw_norm(x_BTD))
@@ -126,6 +148,48 @@ class Gemma4(nnx.Module):
         proj_BTLG = self.ple_proj_norm(proj_BTLG * self.config.hidden_size**-0.5)
         return (proj_BTLG + tok_BTLG.astype(x_BTD.dtype)) * 2**-0.5
 
+    def scanned_layers(self, x_BTD: jax.Array, ple_BTLG: jax.Array | None, rope: dict, masks: dict,
+                       ) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:  # fmt: skip
+        """The cache-less forward as one ``lax.scan`` per run of repeating layers (``layer_groups``).
+
+        Each step picks its layers' parameters with ``lax.switch``, so the parameters keep their per-layer layout
+        (checkpoints, sharding) while XLA compiles one period of layers and keeps one period's temporaries alive.
+        Returns the final state and the K/V ``[B, K, T, H]`` of the last owning layer of each type (the producers).
+        """
+        config = self.config
+        batch, length, _ = x_BTD.shape
+        kv = {
+            t: (jnp.zeros((batch, config.kv_heads(t), length, config.head_dim_of(t)), x_BTD.dtype),) * 2
+            for t in ATTENTION_TYPES
+        }  # fmt: skip
+        for start, period, count in layer_groups(config):
+            graphs = [nnx.split(self.layers[start + r])[0] for r in range(period)]
+            states = [[nnx.split(self.layers[start + g * period + r])[1] for g in range(count)] for r in range(period)]
+            ple_GBTPd = None
+            if ple_BTLG is not None:
+                ple_BTGPd = ple_BTLG[:, :, start : start + count * period].reshape(batch, length, count, period, -1)
+                ple_GBTPd = jnp.moveaxis(ple_BTGPd, 2, 0)
+
+            def one_period(carry, xs, start=start, period=period, graphs=graphs, states=states):
+                x_BTD, kv = carry
+                g, ple_BTPd = xs
+                for r in range(period):
+                    i, layer_type = start + r, config.layer_types[start + r]
+                    state = jax.lax.switch(g, [lambda s=s: s for s in states[r]])
+                    layer = nnx.merge(graphs[r], state)
+                    h_BTD = layer.input_norm(x_BTD)
+                    if not config.shares_kv(i):
+                        k_BTKH, v_BTKH = layer.attn.keys_values(h_BTD, *rope[layer_type])
+                        kv = kv | {layer_type: (k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3))}
+                    ple_BTG = None if ple_BTPd is None else ple_BTPd[:, :, r]
+                    kv_blocks = [(*kv[layer_type], masks[layer_type])]
+                    x_BTD = layer.attend_and_feed(x_BTD, h_BTD, rope[layer_type], kv_blocks, ple_BTG,
+                                                  config.attention_impl)  # fmt: skip
+                return (x_BTD, kv), None
+
+            (x_BTD, kv), _ = jax.lax.scan(one_period, (x_BTD, kv), (jnp.arange(count), ple_GBTPd))
+        return x_BTD, kv
+
     def __call__(
         self,
         tokens_BT: Int[Array, "B T"],
@@ -157,7 +221,7 @@ class Gemma4(nnx.Module):
             positions_BT = jnp.broadcast_to(index_T, (batch, length)) if positions_BT is None else positions_BT
             valid_BT = jnp.ones((batch, length), bool) if segments_BT is None else segments_BT > 0
 
-        x_BTD = self.embed_tokens(tokens_BT).astype(dtype)
+        x_BTD = constrain_batch(self.embed_tokens(tokens_BT).astype(dtype))
         ple_BTLG = self.per_layer_inputs(tokens_BT, x_BTD) if self.ple_embed is not None else None
         rope, masks, slots, new_slot_positions = {}, {}, {}, {}
         for layer_type in ATTENTION_TYPES:
@@ -176,7 +240,10 @@ class Gemma4(nnx.Module):
 
         blocks: dict[int, list[tuple[jax.Array, jax.Array]]] = {}
         new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
+        if cache is None:  # one pass over the sequence: the layers scanned, in groups of same-shaped layers
+            x_BTD, producer_kv = self.scanned_layers(x_BTD, ple_BTLG, rope, {t: m[0] for t, m in masks.items()})
+            blocks = {config.producer_layers[t]: [kv] for t, kv in producer_kv.items()}
+        for i, layer in enumerate(self.layers if cache is not None else []):
             layer_type = config.layer_types[i]
             cos_BTH, sin_BTH = rope[layer_type]
             h_BTD = layer.input_norm(x_BTD)
@@ -191,11 +258,9 @@ class Gemma4(nnx.Module):
                     new_values.append(cache_lib.scatter_BKSH(cache.values[c], v_BTKH, slots[layer_type]))
                 blocks[i] = kv
             kv = blocks[config.kv_source(i)]
-            q_BTNH = layer.attn.queries(h_BTD, cos_BTH, sin_BTH)
             kv_blocks = [(k, v, m) for (k, v), m in zip(kv, masks[layer_type], strict=True)]
-            attn_BTNH = attend(q_BTNH, kv_blocks, config.attention_impl)
-            x_BTD = x_BTD + layer.post_attn_norm(layer.attn.output(attn_BTNH))
-            x_BTD = layer.feed_forward(x_BTD, None if ple_BTLG is None else ple_BTLG[:, :, i])
+            ple_BTG = None if ple_BTLG is None else ple_BTLG[:, :, i]
+            x_BTD = layer.attend_and_feed(x_BTD, h_BTD, rope[layer_type], kv_blocks, ple_BTG, config.attention_impl)
 
         hidden_BTD = self.final_norm(x_BTD)
         if cache is not None:

@@ -26,6 +26,10 @@ class WorkdirError(RuntimeError):
     """The workdir belongs to another experiment, or its checkpoints cannot be resumed with this config."""
 
 
+class CheckpointRestoreError(RuntimeError):
+    """The latest checkpoint, and the one before it, failed to restore."""
+
+
 def _flat(tree) -> dict:
     """Leaves by readable path ("params/layers/0/attn/q"), so checkpoints do not depend on container types."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -105,16 +109,33 @@ class Checkpointer:
         self.manager.save(step, args=args)
 
     def restore_latest(self, abstract: TrainState) -> tuple[TrainState, dict] | None:
-        """The newest checkpoint that restores; a corrupt or partial one is skipped with a warning."""
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        """The newest checkpoint (None if there is none); if it fails to restore, the one before it, with a warning.
+
+        Only the latest may fall back (a write cut short by a preemption); when the previous one fails too, the
+        cause is not one bad file (a changed model, a missing directory), so that is an error naming both.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        errors = []
+        for step in steps[:2]:
             try:
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(_flat(abstract)), data=ocp.args.JsonRestore())
                 restored = self.manager.restore(step, args=args)
                 return _unflat(abstract, restored["state"]), restored["data"]
             except Exception as e:  # any failure to read means this checkpoint is unusable
-                log.warning("Checkpoint at step %d could not be restored (%s: %s); trying an older one.", step,
-                            type(e).__name__, str(e)[:200])  # fmt: skip
+                errors.append(f"step {step} ({self.directory / str(step)}: {type(e).__name__}: {str(e)[:300]})")
+                if len(errors) == 1 and len(steps) > 1:
+                    log.warning("Checkpoint at %s could not be restored; trying the one before it.", errors[0])
+        if errors:
+            tried = ", nor at ".join(errors)
+            raise CheckpointRestoreError(
+                f"Could not restore the checkpoint at {tried}. Fix the cause or point --workdir elsewhere: training "
+                "does not start again from step 0 on its own."
+            )
         return None
+
+    @property
+    def directory(self) -> pathlib.Path:
+        return pathlib.Path(self.manager.directory)
 
     @property
     def latest_step(self) -> int | None:

@@ -23,7 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # The frozen target: a Hugging Face Gemma 4 directory, or (embedded_tiny) the tiny LM trained on the
     # embedded corpus the first time it is needed.
-    c.target = ml_collections.ConfigDict({"hf_path": "", "embedded_tiny": False, "dtype": "float32"})
+    # ``preset`` names the published shape (mtp.target.config.PRESETS) that a dry run compiles without weights.
+    c.target = ml_collections.ConfigDict({"hf_path": "", "embedded_tiny": False, "dtype": "float32", "preset": ""})
     c.drafter = ml_collections.ConfigDict(
         {
             "init_from": "",  # a gemma4_assistant directory to start from (e.g. Google's official drafter)
@@ -61,10 +62,12 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def full_size_config(*, hidden_size: int, num_heads: int, intermediate_size: int,
-                     use_ordered_embeddings: bool) -> ml_collections.ConfigDict:  # fmt: skip
-    """What the released-target configs share: 4 drafter layers, 2048-token sequences, bf16, self-distillation."""
+def full_size_config(*, preset: str, hidden_size: int, num_heads: int, intermediate_size: int,
+                     use_ordered_embeddings: bool, remat: str = "depth") -> ml_collections.ConfigDict:  # fmt: skip
+    """What the released-target configs share: 4 drafter layers, 2048-token sequences, bf16, self-distillation,
+    fully sharded over every device (the base mesh: data=1, fsdp=-1): weights and batch split as many ways."""
     config = base_config()
+    config.target.preset = preset
     config.update(num_train_steps=20_000, batch_size=64, seq_len=2048, log_every_steps=50, eval_every_steps=1000,
                   checkpoint_every_steps=1000, compute_dtype="bfloat16")  # fmt: skip
     config.target.dtype = "bfloat16"
@@ -72,7 +75,8 @@ def full_size_config(*, hidden_size: int, num_heads: int, intermediate_size: int
                           intermediate_size=intermediate_size, use_ordered_embeddings=use_ordered_embeddings,
                           num_centroids=2048, centroid_intermediate_top_k=32)  # fmt: skip
     config.data.self_distill.update(enabled=True, temperature=0.0, max_new_tokens=1024, batch_size=64)
-    config.loss.update(depth=4, chunk_size=256)
+    # Vocabulary chunks of 64 positions: [B, 64, V] float32 logits are 0.5 GiB per device at B=8, V=262k.
+    config.loss.update(depth=4, chunk_size=64, remat=remat)
     config.optimizer.update(learning_rate=3e-4, warmup_steps=500)
     return finalize(config)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,8 +11,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mtp import sharding as sharding_lib
+from mtp.checkpoint.hf_target import read_config
 from mtp.drafter.model import Drafter
-from mtp.target.config import Gemma4Config
+from mtp.target.config import PRESETS, Gemma4Config, config_from_hf
 from mtp.target.model import Gemma4
 from mtp.training.config import loss_config
 from mtp.training.setup import drafter_config_for
@@ -45,3 +48,30 @@ def compile_train_step(config: ml_collections.ConfigDict, target_config: Gemma4C
         dtype=jnp.dtype(config.compute_dtype),
     )  # fmt: skip
     return step.lower(abstract_like(abstract, state_sh), target_in, batch).compile()
+
+
+def target_config_of(config: ml_collections.ConfigDict) -> Gemma4Config:
+    """The target's shape: its config.json when ``target.hf_path`` is set, else the published ``target.preset``."""
+    if config.target.hf_path:
+        return config_from_hf(read_config(config.target.hf_path), source=config.target.hf_path)
+    if config.target.preset not in PRESETS:
+        raise ValueError(f"target.preset={config.target.preset!r}: set target.hf_path or one of {sorted(PRESETS)}.")
+    return PRESETS[config.target.preset]
+
+
+def dry_run(config: ml_collections.ConfigDict, name: str) -> dict:
+    """Compile the config's train step on its own mesh from shapes alone; what it needs per device, in bytes."""
+    mesh = sharding_lib.make_mesh(config.mesh.to_dict())
+    start = time.perf_counter()
+    memory = compile_train_step(config, target_config_of(config), mesh).memory_analysis()
+    return {
+        "config": name,
+        "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "mesh": dict(mesh.shape),
+        "batch_size": config.batch_size,
+        "seq_len": config.seq_len,
+        "argument_bytes": int(memory.argument_size_in_bytes),
+        "temp_bytes": int(memory.temp_size_in_bytes),
+        "compile_seconds": round(time.perf_counter() - start, 1),
+    }

@@ -60,10 +60,21 @@ def eval_step(state: TrainState, target_state: nnx.State, batch: dict, *, target
     return step_metrics(loss, metrics, batch)
 
 
+def under_mesh(step, mesh):
+    """``step`` traced under ``mesh``, so that the models keep their activations split over the batch."""
+
+    def run(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(*args)
+
+    run.__name__ = step.func.__name__  # the compiled module's name: jit_train_step, jit_eval_step
+    return run
+
+
 def jit_train_step(state_sh, target_sh, batch_sh, metrics_sh, **static):
     """One ``jax.jit`` with explicit in/out shardings; the state is donated, the target is not."""
     return jax.jit(
-        functools.partial(train_step, **static),
+        under_mesh(functools.partial(train_step, **static), batch_sh.mesh),
         in_shardings=(state_sh, target_sh, batch_sh),
         out_shardings=(state_sh, metrics_sh),
         donate_argnums=(0,),
@@ -71,5 +82,5 @@ def jit_train_step(state_sh, target_sh, batch_sh, metrics_sh, **static):
 
 
 def jit_eval_step(state_sh, target_sh, batch_sh, metrics_sh, **static):
-    return jax.jit(functools.partial(eval_step, **static), in_shardings=(state_sh, target_sh, batch_sh),
-                   out_shardings=metrics_sh)  # fmt: skip
+    step = under_mesh(functools.partial(eval_step, **static), batch_sh.mesh)
+    return jax.jit(step, in_shardings=(state_sh, target_sh, batch_sh), out_shardings=metrics_sh)

@@ -1,15 +1,18 @@
 """The train step: a NaN or Inf loss or gradient never reaches the parameters or the optimizer state."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from configs import tiny
 from mtp import sharding as sharding_lib
 from mtp.target.config import config_from_hf
 from mtp.target.model import Gemma4
-from mtp.training import setup
+from mtp.training import setup, trainer
 from mtp.training import step as step_lib
 from mtp.training.config import loss_config
 from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_drafter
@@ -21,8 +24,11 @@ def test_a_non_finite_step_leaves_the_state_as_it_was(monkeypatch):
     real = step_lib.distill_loss
 
     def poisoned(drafter, target, target_out, batch, *args, **kwargs):
-        """NaN loss and gradients for a batch whose first token is 0."""
+        """NaN loss and gradients for a batch whose first token is 0; a finite loss but NaN gradients for 1."""
         loss, metrics = real(drafter, target, target_out, batch, *args, **kwargs)
+        healthy = (batch["tokens"][0, 0] != 1).astype(jnp.float32)
+        # sqrt(0 * w + 0): the value 0, the gradient 0 * inf = NaN; sqrt(0 * w + 1) - 1: 0 and 0.
+        loss = loss + jnp.sqrt(0.0 * jnp.sum(drafter.pre_projection[...]) + healthy) - healthy
         return loss * jnp.where(batch["tokens"][0, 0] == 0, jnp.nan, 1.0), metrics
 
     monkeypatch.setattr(step_lib, "distill_loss", poisoned)
@@ -53,6 +59,18 @@ def test_a_non_finite_step_leaves_the_state_as_it_was(monkeypatch):
     for old, new in zip(jax.tree.leaves((before.params, before.opt_state)),
                         jax.tree.leaves((after.params, after.opt_state)), strict=True):  # fmt: skip
         np.testing.assert_array_equal(new, old)
+
+    grad_only = dict(good, tokens=good["tokens"].copy())
+    grad_only["tokens"][0, 0] = 1
+    state, metrics = train_step(state, target_state, grad_only)
+    assert not metrics["finite"] and np.isfinite(metrics["loss"]) and np.isnan(metrics["grad_norm"])
+    for old, new in zip(jax.tree.leaves((after.params, after.opt_state)),
+                        jax.tree.leaves(jax.device_get((state.params, state.opt_state))), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(new, old)
+    with pytest.raises(
+        trainer.NonFiniteLossError, match=r"gradient norm nan\) at step 2;.*last good checkpoint is step 1"
+    ):
+        trainer._check_finite([(2, metrics["finite"], metrics["loss"], metrics["grad_norm"])], 1, pathlib.Path("w"))
 
     state, metrics = train_step(state, target_state, good)
     assert metrics["finite"] and np.isfinite(metrics["loss"])

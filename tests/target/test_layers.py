@@ -1,0 +1,32 @@
+"""The mixture of experts gives the same answer in tiles (long sequences) as with ``ragged_dot`` (decoding)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtp.target import layers
+from mtp.target.layers import MixtureOfExperts
+
+
+def test_tiled_experts_equal_ragged_dot(monkeypatch):
+    moe = MixtureOfExperts(16, 8, num_experts=6, top_k=2, eps=1e-6, rngs=nnx.Rngs(0))
+    x_BTD, residual_BTD = jax.random.normal(jax.random.key(1), (2, 2, 11, 16), jnp.float64)
+
+    @nnx.jit
+    def both(moe, x_BTD, residual_BTD):
+        return moe.ragged(x_BTD, residual_BTD), moe(x_BTD, residual_BTD)
+
+    monkeypatch.setattr(layers, "EXPERT_TILE", 3)  # tiles that split groups and leave some empty
+    with jax.enable_x64(True):
+        ragged, tiled = both(moe, x_BTD.astype(jnp.float64), residual_BTD.astype(jnp.float64))
+    assert float(jnp.max(jnp.abs(ragged))) > 0.1
+    np.testing.assert_allclose(tiled, ragged, atol=1e-12, rtol=0)
+
+
+def test_chunked_mlp_equals_the_whole_sequence(monkeypatch):
+    mlp = layers.MLP(16, 24, rngs=nnx.Rngs(0))
+    x_BTD = jax.random.normal(jax.random.key(1), (2, 12, 16))
+    monkeypatch.setattr(layers, "MLP_CHUNK", 4)
+    chunked = jax.jit(lambda x: mlp(x))(x_BTD)
+    np.testing.assert_allclose(chunked, mlp.dense(x_BTD), atol=1e-6, rtol=0)
