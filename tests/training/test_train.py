@@ -160,7 +160,8 @@ def test_a_corrupt_latest_checkpoint_falls_back_with_a_warning(finished_run, tmp
             path.write_bytes(b"\0" * 7)
     caplog.set_level(logging.WARNING)
     trainer.train(tiny_config(num_train_steps=14), workdir)
-    assert any("step 12 could not be restored" in r.getMessage() for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records if "could not be restored" in r.getMessage()]
+    assert any("checkpoints/12" in w for w in warnings), warnings
     records = logged(workdir)
     assert records[-1]["step"] == 14
     assert comparable([r for r in records if r["step"] <= 8]) == comparable(
