@@ -6,12 +6,15 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from mtp.errors import reports_user_errors
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the exported drafter go here.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Also show the INFO logs of orbax, absl, grain and jax.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+@reports_user_errors
 def main(argv):
     del argv
     from mtp.logs import setup_logging

@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from mtp.errors import UserError
 from mtp.training.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ RESUMABLE_KEYS = ("num_train_steps", "log_every_steps", "eval_every_steps", "eva
 ITERATOR_KEYS = ("data.num_workers",)
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(UserError):
     """The workdir belongs to another experiment, or its checkpoints cannot be resumed with this config."""
 
 

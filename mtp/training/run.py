@@ -14,6 +14,7 @@ import pathlib
 
 import ml_collections
 
+from mtp.checkpoint.safetensors_io import CheckpointError
 from mtp.training import setup
 from mtp.training.checkpoints import WorkdirError
 
@@ -27,6 +28,8 @@ def _digest(path: pathlib.Path) -> str | None:
 
 def target_identity(config: ml_collections.ConfigDict, target_dir: pathlib.Path) -> dict:
     """What the drafter is trained against: the target's config.json and the tokenizer's digests."""
+    if not (target_dir / "config.json").is_file():  # before the workdir records anything about it
+        raise CheckpointError(f"{target_dir / 'config.json'}: no config.json; point at a Hugging Face model directory.")
     tokenizer = pathlib.Path(config.data.tokenizer or target_dir)
     tokenizer = tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
     return {"target_config_sha256": _digest(target_dir / "config.json"), "tokenizer_sha256": _digest(tokenizer)}
