@@ -153,3 +153,10 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     if x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(axes))
+
+
+def constrain_replicated(x: jax.Array) -> jax.Array:
+    """One whole copy per device, fetched once when traced under a mesh (e.g. a table several loops read)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec())

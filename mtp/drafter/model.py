@@ -7,6 +7,7 @@ centroid clusters, R the tokens per cluster (V / C), M the tokens of the chosen 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -149,10 +150,14 @@ class Drafter(nnx.Module):
             x_BTD = x_BTD + layer.post_attn_norm(layer.attn.output(attn_BTNH))
             return constrain_batch(layer.feed_forward(x_BTD, None))
 
-        if remat_layers:  # the backward pass keeps each layer's input only, and recomputes the rest
-            one_layer = nnx.remat(one_layer, static_argnums=(1,))
         for i, layer in enumerate(self.layers):
-            x_BTD = one_layer(layer, config.layer_types[i], x_BTD)
+            if remat_layers:  # the backward pass keeps each layer's input only, and recomputes the rest
+                graph, params = nnx.split(layer)
+                rerun = functools.partial(lambda g, t, p, x: one_layer(nnx.merge(g, p), t, x), graph,
+                                          config.layer_types[i])  # fmt: skip
+                x_BTD = jax.checkpoint(rerun)(params, x_BTD)
+            else:
+                x_BTD = one_layer(layer, config.layer_types[i], x_BTD)
 
         h_BTD = self.final_norm(x_BTD)
         projected_BTU = jnp.einsum("BTD,DU->BTU", h_BTD, self.post_projection[...].astype(dtype))
@@ -164,9 +169,10 @@ class Drafter(nnx.Module):
             return self.full_logits(h_BTD)
         return self.masked_logits(h_BTD, self.embed[...].astype(h_BTD.dtype))
 
-    def full_logits(self, h_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    def full_logits(self, h_BTD: Float[Array, "B T D"], embed_VD: jax.Array | None = None) -> Float[Array, "B T V"]:
         """The tied head over the whole vocabulary (the masked head keeps these scores for its chosen tokens)."""
-        return jnp.einsum("BTD,VD->BTV", h_BTD, self.embed[...].astype(h_BTD.dtype), preferred_element_type=wide(h_BTD))
+        embed_VD = self.embed[...] if embed_VD is None else embed_VD
+        return jnp.einsum("BTD,VD->BTV", h_BTD, embed_VD.astype(h_BTD.dtype), preferred_element_type=wide(h_BTD))
 
     def centroid_scores(self, h_BTD: Float[Array, "B T D"]) -> Float[Array, "B T C"]:
         return jnp.einsum("BTD,DC->BTC", h_BTD, self.centroids[...].astype(h_BTD.dtype))

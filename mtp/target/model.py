@@ -132,9 +132,13 @@ class Gemma4(nnx.Module):
         table = self.embed[...]
         return table[tokens_BT] * jnp.asarray(math.sqrt(self.config.hidden_size), table.dtype)
 
-    def logits(self, hidden_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-        """Float32 (or wider) logits: bf16 would round logits near ±30 in steps of 0.125 before any softmax."""
-        logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, self.embed[...].astype(hidden_BTD.dtype),
+    def logits(self, hidden_BTD: Float[Array, "B T D"], embed_VD: jax.Array | None = None) -> Float[Array, "B T V"]:
+        """Float32 (or wider) logits: bf16 would round logits near ±30 in steps of 0.125 before any softmax.
+
+        ``embed_VD``: the table, already fetched (training shares one gathered copy over its draft depths).
+        """
+        embed_VD = self.embed[...] if embed_VD is None else embed_VD
+        logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, embed_VD.astype(hidden_BTD.dtype),
                                 preferred_element_type=jnp.promote_types(hidden_BTD.dtype, jnp.float32))  # fmt: skip
         if (cap := self.config.final_logit_softcapping) is not None:
             logits_BTV = jnp.tanh(logits_BTV / cap) * cap

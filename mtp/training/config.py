@@ -52,7 +52,15 @@ def base_config() -> ml_collections.ConfigDict:
         }
     )
     c.loss = ml_collections.ConfigDict(
-        {"depth": 4, "divergence": "kl", "depth_decay": 0.8, "chunk_size": 256, "centroid_weight": 1.0, "remat": "none"}
+        {
+            "depth": 4,
+            "divergence": "kl",
+            "depth_decay": 0.8,
+            "chunk_size": 256,
+            "centroid_weight": 1.0,
+            "remat": "none",
+            "seq_chunk": 0,
+        }
     )
     c.optimizer = ml_collections.ConfigDict(
         {"learning_rate": 1e-3, "warmup_steps": 100, "weight_decay": 0.01, "grad_clip": 1.0, "b1": 0.9,
@@ -76,7 +84,8 @@ def full_size_config(*, preset: str, hidden_size: int, num_heads: int, intermedi
                           num_centroids=2048, centroid_intermediate_top_k=32)  # fmt: skip
     config.data.self_distill.update(enabled=True, temperature=0.0, max_new_tokens=1024, batch_size=64)
     # Vocabulary chunks of 64 positions: [B, 64, V] float32 logits are 0.5 GiB per device at B=8, V=262k.
-    config.loss.update(depth=4, chunk_size=64, remat=remat)
+    # The drafter's unroll and loss in chunks of 256 anchors: one chunk's activations at a time.
+    config.loss.update(depth=4, chunk_size=64, remat=remat, seq_chunk=256)
     config.optimizer.update(learning_rate=3e-4, warmup_steps=500)
     return finalize(config)
 

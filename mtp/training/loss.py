@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtp.drafter.model import DrafterFeatures
+from mtp.sharding import constrain_replicated
 from mtp.target.model import Gemma4, TargetOutput
 from mtp.training.centroids import centroid_loss
 
@@ -32,6 +33,7 @@ class LossConfig:
     chunk_size: int = 128
     centroid_weight: float = 1.0
     remat: str = "none"
+    seq_chunk: int = 0  # anchors per chunk of the drafter's unroll and loss (0: the whole sequence at once)
 
     def __post_init__(self):
         if self.remat not in REMAT:
@@ -93,30 +95,40 @@ def centroid_head_loss(drafter: nnx.Module, h_BTD: jax.Array, teacher_BTV: jax.A
     return centroid_loss(drafter.centroid_scores(h_BTD), teacher_BTV, drafter.token_ordering[...], top_k, mask_BT)
 
 
-def chunked_depth_loss(target: Gemma4, drafter: nnx.Module, teacher_h_BTD, student_h_BTE, mask_BT, config: LossConfig):
-    """Σ loss, Σ agreement, Σ centroid coverage over valid positions, the vocab projection chunk by chunk."""
-    batch, length = mask_BT.shape
+def chunked_depth_loss(target: Gemma4, drafter: nnx.Module, teacher_h_PBTD, student_h_PBTE, mask_PBT,
+                       config: LossConfig, tables: tuple[jax.Array, jax.Array] | None = None):  # fmt: skip
+    """Per depth P: Σ loss, Σ agreement, Σ centroid loss, Σ coverage over valid positions, the vocabulary projection
+    chunk by chunk in one scan over (depth, chunk), so the backward pass holds one gradient of each table.
+
+    ``tables``: the target's and the drafter's vocabulary tables, fetched once for every depth.
+    """
+    teacher_VD, student_VE = tables or (None, None)
+    depth, batch, length = mask_PBT.shape
     chunk = min(config.chunk_size, length)
     pad = (-length) % chunk
 
-    def split(x):
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(batch, -1, chunk, *x.shape[2:]).swapaxes(0, 1)
+    def split(x):  # [P, B, T, ...] -> [P * T/chunk, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+        x = x.reshape(depth, batch, -1, chunk, *x.shape[3:]).swapaxes(1, 2)
+        return x.reshape(-1, batch, chunk, *x.shape[4:])
 
     @jax.checkpoint
     def one(carry, xs):
-        teacher_h, student_h, mask = xs
-        teacher = target.logits(teacher_h)
-        student = drafter.full_logits(student_h)
+        teacher_h, student_h, mask, j = xs
+        teacher = target.logits(teacher_h, teacher_VD)
+        student = drafter.full_logits(student_h, student_VE)
         loss = divergence(teacher, student, config.divergence)
         agree = jnp.argmax(teacher, axis=-1) == drafted_tokens(drafter, student_h, student)
         extra = centroid_head_loss(drafter, student_h, teacher, mask)
         mask = mask.astype(jnp.float32)
         sums = (jnp.sum(loss * mask), jnp.sum(agree * mask), extra[0], extra[1])
-        return jax.tree.map(jnp.add, carry, sums), None
+        at_j = jax.nn.one_hot(j, depth, dtype=jnp.float32)
+        return jax.tree.map(lambda total, x: total + x * at_j, carry, sums), None
 
-    zero = jnp.zeros((), jnp.float32)
-    sums, _ = jax.lax.scan(one, (zero, zero, zero, zero), (split(teacher_h_BTD), split(student_h_BTE), split(mask_BT)))
+    zero = jnp.zeros((depth,), jnp.float32)
+    depth_of = jnp.repeat(jnp.arange(depth), (length + pad) // chunk)
+    xs = (split(teacher_h_PBTD), split(student_h_PBTE), split(mask_PBT), depth_of)
+    sums, _ = jax.lax.scan(one, (zero, zero, zero, zero), xs)
     return sums
 
 
@@ -134,50 +146,94 @@ class Depth:
     valid_BT: jax.Array
 
 
-def unroll(drafter: nnx.Module, target: Gemma4, target_out: TargetOutput, batch: dict, depth: int,
-           dtype: jnp.dtype = jnp.float32, remat: str = "none") -> list[Depth]:  # fmt: skip
-    """The drafter's first ``depth`` draft steps at every anchor of a teacher-forced packed batch."""
-
-    def features(drafter, embed_BTD, state_BTD, positions, kv, segments):
-        return drafter.features(embed_BTD, state_BTD, positions, kv, segments_BT=segments, key_segments_BS=segments,
-                                dtype=dtype, remat_layers=remat == "layer")  # fmt: skip
-
-    if remat == "depth":  # the backward pass keeps each depth's inputs only, and recomputes the depth
-        features = nnx.remat(features)
-    tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
+def depth_inputs(target: Gemma4, target_out: TargetOutput, batch: dict, depth: int,
+                 dtype: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """Per depth j at every anchor p: the embedding of x_{p+j}, the teacher's h_{p+j}, whether x_{p+j+1} is trained;
+    and the first state h_{p-1}. Everything after this is independent per anchor, so it may run in sequence chunks."""
+    positions, segments = batch["positions"], batch["segment_ids"]
     loss_mask = batch["loss_mask"].astype(bool)
-    state_BTD = shift(target_out.hidden, -1)  # h_{p-1}: the state that produced x_p
     anchor_ok = (positions > 0) & (segments > 0)  # depth 0 needs a previous position in the same document
-    depths = []
+    tokens_BTD = target.embed_tokens(batch["tokens"]).astype(dtype)
+    embeds, teachers, valids = [], [], []
     for j in range(depth):
         same_doc = shift(segments, j) == segments
         # Predicting x_{p+j+1}: it must exist in this document and be a trained (model-turn) token.
-        valid_BT = anchor_ok & same_doc & (shift(segments, j + 1) == segments) & shift(loss_mask, j + 1, False)
-        embed_BTD = target.embed_tokens(shift(tokens, j)).astype(dtype)
-        out = features(drafter, embed_BTD, state_BTD, positions, target_out.drafter_kv, segments)
-        depths.append(Depth(out, shift(target_out.hidden, j), valid_BT))
-        state_BTD = out.projected
-    return depths
+        valids.append(anchor_ok & same_doc & (shift(segments, j + 1) == segments) & shift(loss_mask, j + 1, False))
+        embeds.append(shift(tokens_BTD, j))  # = the embedding of x_{p+j} wherever depth j is trained
+        teachers.append(shift(target_out.hidden, j))
+    return jnp.stack(embeds), jnp.stack(teachers), jnp.stack(valids), shift(target_out.hidden, -1)
+
+
+def run_depths(drafter: nnx.Module, embed_PBTD, state_BTD, positions_BT, segments_BT, target_out: TargetOutput,
+               key_segments_BS, dtype: jnp.dtype, remat: str) -> list[DrafterFeatures]:  # fmt: skip
+    """The drafter's draft steps, each fed the previous one's projected state (remat: see ``REMAT``)."""
+
+    graph, params = nnx.split(drafter)
+
+    def features(params, embed_BTD, state_BTD, positions, kv, segments, key_segments):
+        return nnx.merge(graph, params).features(embed_BTD, state_BTD, positions, kv, segments_BT=segments,
+                                                 key_segments_BS=key_segments, dtype=dtype,
+                                                 remat_layers=remat == "layer")  # fmt: skip
+
+    if remat == "depth":  # the backward pass keeps each depth's inputs only, and recomputes the depth
+        features = jax.checkpoint(features)
+    out = []
+    for embed_BTD in embed_PBTD:
+        out.append(features(params, embed_BTD, state_BTD, positions_BT, target_out.drafter_kv, segments_BT,
+                            key_segments_BS))  # fmt: skip
+        state_BTD = out[-1].projected
+    return out
+
+
+def unroll(drafter: nnx.Module, target: Gemma4, target_out: TargetOutput, batch: dict, depth: int,
+           dtype: jnp.dtype = jnp.float32, remat: str = "none") -> list[Depth]:  # fmt: skip
+    """The drafter's first ``depth`` draft steps at every anchor of a teacher-forced packed batch."""
+    embed_PBTD, teacher_PBTD, valid_PBT, state_BTD = depth_inputs(target, target_out, batch, depth, dtype)
+    segments = batch["segment_ids"]
+    features = run_depths(drafter, embed_PBTD, state_BTD, batch["positions"], segments, target_out, segments, dtype,
+                          remat)  # fmt: skip
+    return [Depth(f, t, v) for f, t, v in zip(features, teacher_PBTD, valid_PBT, strict=True)]
 
 
 def distill_loss(drafter: nnx.Module, target: Gemma4, target_out: TargetOutput, batch: dict, config: LossConfig,
                  dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, dict]:  # fmt: skip
-    """Weighted loss over depths and metrics: per-depth top-1 agreement, loss, and centroid coverage."""
-    total, weight_sum = 0.0, 0.0
-    metrics = {"loss_per_depth": [], "top1_agreement": [], "centroid_coverage": []}
-    for j, d in enumerate(unroll(drafter, target, target_out, batch, config.depth, dtype, config.remat)):
-        loss_sum, agree_sum, aux_sum, cover_sum = chunked_depth_loss(
-            target, drafter, d.teacher_hidden_BTD, d.features.normed, d.valid_BT, config
-        )
-        count = jnp.maximum(jnp.sum(d.valid_BT), 1)
-        weight = config.depth_decay**j
-        total = total + weight * (loss_sum + config.centroid_weight * aux_sum) / count
-        weight_sum += weight
-        metrics["loss_per_depth"].append(loss_sum / count)
-        metrics["top1_agreement"].append(agree_sum / count)
-        metrics["centroid_coverage"].append(cover_sum / count)
-    metrics = {k: jnp.stack(v) for k, v in metrics.items()}
-    return total / weight_sum, metrics
+    """Weighted loss over depths and metrics: per-depth top-1 agreement, loss, and centroid coverage.
+
+    With ``seq_chunk``, anchors run in chunks of that many positions under remat: the drafter's activations and
+    logits exist for one chunk at a time (every anchor reads only the target's K/V, never another anchor).
+    """
+    # One gathered copy of each vocabulary table for every depth's projection (else XLA may hold one per depth).
+    tables = (constrain_replicated(target.embed[...].astype(dtype)), constrain_replicated(drafter.embed[...]))
+    embed_PBTD, teacher_PBTD, valid_PBT, state_BTD = depth_inputs(target, target_out, batch, config.depth, dtype)
+    positions, segments = batch["positions"], batch["segment_ids"]
+    length = positions.shape[1]
+    chunk = config.seq_chunk if config.seq_chunk and length % config.seq_chunk == 0 else length
+
+    def one_chunk(sums, xs):
+        embed_PBtD, teacher_PBtD, valid_PBt, state_BtD, positions_Bt, segments_Bt = xs
+        features = run_depths(drafter, embed_PBtD, state_BtD, positions_Bt, segments_Bt, target_out, segments, dtype,
+                              config.remat)  # fmt: skip
+        normed_PBtE = jnp.stack([f.normed for f in features])
+        new = chunked_depth_loss(target, drafter, teacher_PBtD, normed_PBtE, valid_PBt, config, tables)
+        return jax.tree.map(jnp.add, sums, new), None
+
+    def split(x, axis):  # [..., T, ...] -> [T/chunk, ..., chunk, ...]
+        x = x.reshape(*x.shape[:axis], length // chunk, chunk, *x.shape[axis + 1 :])
+        return jnp.moveaxis(x, axis, 0)
+
+    xs = (split(embed_PBTD, 2), split(teacher_PBTD, 2), split(valid_PBT, 2), split(state_BTD, 1),
+          split(positions, 1), split(segments, 1))  # fmt: skip
+    zero = jnp.zeros((config.depth,), jnp.float32)
+    if chunk == length:
+        (loss_P, agree_P, aux_P, cover_P), _ = one_chunk((zero, zero, zero, zero), jax.tree.map(lambda x: x[0], xs))
+    else:
+        (loss_P, agree_P, aux_P, cover_P), _ = jax.lax.scan(jax.checkpoint(one_chunk), (zero,) * 4, xs)
+    count_P = jnp.maximum(jnp.sum(valid_PBT, axis=(1, 2)), 1)
+    weight_P = config.depth_decay ** jnp.arange(config.depth, dtype=jnp.float32)
+    total = jnp.sum(weight_P * (loss_P + config.centroid_weight * aux_P) / count_P)
+    metrics = {"loss_per_depth": loss_P / count_P, "top1_agreement": agree_P / count_P,
+               "centroid_coverage": cover_P / count_P}  # fmt: skip
+    return total / jnp.sum(weight_P), metrics
 
 
 def simulated_acceptance_length(top1_agreement: jax.Array) -> jax.Array:

@@ -177,9 +177,9 @@ def test_the_loss_is_the_decayed_mean_of_the_per_depth_divergences(target):
     np.testing.assert_allclose(metrics["top1_agreement"], agreement, rtol=1e-6)
 
 
-def test_remat_changes_neither_the_loss_nor_the_gradients(target):
-    """Rematerializing each drafter layer or each whole depth recomputes the same numbers."""
-    drafter = make_drafter(target, ordered=False)
+def test_remat_and_sequence_chunks_change_neither_the_loss_nor_the_gradients(target):
+    """Rematerializing each drafter layer, or each whole depth in chunks of 8 anchors, gives the same numbers."""
+    drafter = make_drafter(target, ordered=True)
     rng = np.random.default_rng(2)
     batch = packed_batch([{d: rng.integers(3, hf_oracle.VOCAB, n) for d, n in DOCS.items()} for _ in CASES])
     target_out = target_forward(target, batch)
@@ -187,8 +187,8 @@ def test_remat_changes_neither_the_loss_nor_the_gradients(target):
     @jax.jit
     def grads(params, rest):
         out = {}
-        for remat in ("none", "layer", "depth"):
-            config = LossConfig(depth=DEPTH, chunk_size=8, remat=remat)
+        for remat, seq_chunk in (("none", 0), ("layer", 0), ("depth", 8)):
+            config = LossConfig(depth=DEPTH, chunk_size=4, remat=remat, seq_chunk=seq_chunk)
 
             def loss_fn(p, config=config):
                 return distill_loss(nnx.merge(graph, p, rest), target, target_out, batch, config)[0]
