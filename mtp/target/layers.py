@@ -104,6 +104,8 @@ class MLP(nnx.Module):
 
 # Rows of (token, expert) pairs per matmul when the experts run in tiles: longer sequences than this use tiles.
 EXPERT_TILE = 128
+# Longer sequences run the experts this many positions at a time (a tile per expert is padding, so not fewer).
+MOE_CHUNK = 1024
 
 
 class MixtureOfExperts(nnx.Module):
@@ -132,7 +134,12 @@ class MixtureOfExperts(nnx.Module):
         return experts_Mk, weights_Mk * self.per_expert_scale[...][experts_Mk]
 
     def __call__(self, x_BTD: jax.Array, residual_BTD: jax.Array) -> jax.Array:
-        if x_BTD.shape[1] > EXPERT_TILE:  # training, long prompts: per row, in tiles (see ``tiled``)
+        batch, length, width = x_BTD.shape
+        if length > MOE_CHUNK and length % MOE_CHUNK == 0:  # one chunk of positions at a time, then tiles
+            chunks = [jnp.moveaxis(x.reshape(batch, -1, MOE_CHUNK, width), 1, 0) for x in (x_BTD, residual_BTD)]
+            out_CBtD = jax.lax.map(lambda xs: jax.vmap(self.tiled)(*xs), tuple(chunks))
+            return jnp.moveaxis(out_CBtD, 0, 1).reshape(batch, length, width)
+        if length > EXPERT_TILE:  # training, long prompts: per row, in tiles (see ``tiled``)
             return jax.vmap(self.tiled)(x_BTD, residual_BTD)
         return self.ragged(x_BTD, residual_BTD)
 

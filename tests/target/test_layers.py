@@ -3,15 +3,18 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from mtp.target import layers
 from mtp.target.layers import MixtureOfExperts
 
 
-def test_tiled_experts_equal_ragged_dot(monkeypatch):
+@pytest.mark.parametrize("length", [11, 12], ids=["tiles", "chunks_of_tiles"])
+def test_tiled_experts_equal_ragged_dot(monkeypatch, length):
     moe = MixtureOfExperts(16, 8, num_experts=6, top_k=2, eps=1e-6, rngs=nnx.Rngs(0))
-    x_BTD, residual_BTD = jax.random.normal(jax.random.key(1), (2, 2, 11, 16), jnp.float64)
+    x_BTD, residual_BTD = jax.random.normal(jax.random.key(1), (2, 2, length, 16), jnp.float64)
+    monkeypatch.setattr(layers, "MOE_CHUNK", 4)  # 12 positions: three chunks of 4; 11 does not divide
 
     @nnx.jit
     def both(moe, x_BTD, residual_BTD):
