@@ -8,6 +8,14 @@ released assistants: 4 layers, 1024 wide for the large targets; the small-target
 head: False. Self-distillation (the target answers the prompts itself, ~+acceptance) is on. Sequence length
 2048, global batch 64; bf16 compute. Start from Google's official assistant with
 --config.drafter.init_from=/path/to/gemma-4-31B-it-assistant. Launching on a cluster: see README.
+
+Mesh: data=1, fsdp=-1 (every device one fsdp shard). Devices: 8 x H100 80 GB, or a TPU v5p-8 (95 GB per chip).
+Check before renting: compile the step from shapes alone (no weights) and print its memory as JSON:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m mtp.training.dry_run --config configs/gemma4_31b.py
+
+On 8 devices XLA's estimate per device is 7.7 GiB arguments + 30.1 GiB temporaries = 37.8 GiB (budget 40 GiB;
+tests/training/test_configs.py; XLA:CPU's figure, which upcasts bf16 arithmetic to float32, so a GPU/TPU needs less).
 """
 
 from mtp.training.config import full_size_config
