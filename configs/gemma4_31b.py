@@ -12,7 +12,8 @@ head: False. Self-distillation (the target answers the prompts itself, ~+accepta
 Mesh: data=1, fsdp=-1 (every device one fsdp shard). Devices: 8 x H100 80 GB, or a TPU v5p-8 (95 GB per chip).
 Check before renting: compile the step from shapes alone (no weights) and print its memory as JSON:
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m mtp.training.dry_run --config configs/gemma4_31b.py
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+        python train.py --config configs/gemma4_31b.py --workdir /tmp/dry --dry_run
 
 On 8 devices XLA's estimate per device is 7.7 GiB arguments + 30.1 GiB temporaries = 37.8 GiB (budget 40 GiB;
 tests/training/test_configs.py; XLA:CPU's figure, which upcasts bf16 arithmetic to float32, so a GPU/TPU needs less).

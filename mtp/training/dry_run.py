@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import pathlib
 import time
 
 import jax
@@ -77,22 +75,3 @@ def dry_run(config: ml_collections.ConfigDict, name: str) -> dict:
         "temp_bytes": int(memory.temp_size_in_bytes),
         "compile_seconds": round(time.perf_counter() - start, 1),
     }
-
-
-def main(argv) -> None:
-    """``python -m mtp.training.dry_run --config configs/x.py``: the dry run's JSON as the last line."""
-    del argv
-    from absl import flags
-    from ml_collections import config_flags
-
-    path = config_flags.get_config_filename(flags.FLAGS["config"])
-    print(json.dumps(dry_run(flags.FLAGS.config, pathlib.Path(path).stem)))
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
