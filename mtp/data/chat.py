@@ -85,6 +85,18 @@ def parse_row(row: Mapping) -> list[dict[str, str]] | str:
     raise RowError(f"a row needs 'messages' (list of {{role, content}}), 'text', or 'prompt' + 'response'; has {keys}.")
 
 
+def prompt_messages(row: Mapping) -> list[dict[str, str]] | None:
+    """A row's conversation up to (not including) its last model turn; None for plain text or a malformed row."""
+    try:
+        messages = parse_row(row)
+    except RowError:
+        return None
+    if isinstance(messages, str):
+        return None
+    last_model = max(i for i, m in enumerate(messages) if m["role"] == "model")
+    return messages[:last_model]
+
+
 class ChatTemplate:
     """Formats conversations and text with a tokenizer whose control tokens are Gemma 4's."""
 

@@ -8,7 +8,7 @@ import logging
 import pathlib
 from collections.abc import Sequence
 
-from mtp.data.chat import ChatTemplate, RowError, parse_row
+from mtp.data.chat import ChatTemplate, prompt_messages
 from mtp.decoding.generate import generate
 from mtp.decoding.sampling import Sampling
 from mtp.target.model import Gemma4
@@ -20,14 +20,9 @@ def prompts_of(rows: Sequence, max_prompts: int = 0) -> list[list[dict]]:
     """Each conversation up to (not including) its last model turn; plain-text rows have no prompt."""
     prompts = []
     for row in rows:
-        try:
-            messages = parse_row(row)
-        except RowError:
+        if (messages := prompt_messages(row)) is None:
             continue
-        if isinstance(messages, str):
-            continue
-        last_model = max(i for i, m in enumerate(messages) if m["role"] == "model")
-        prompts.append(messages[:last_model])
+        prompts.append(messages)
         if max_prompts and len(prompts) == max_prompts:
             break
     return prompts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from mtp.data.chat import ChatTemplate, RowError, parse_row
+from mtp.data.chat import ChatTemplate, prompt_messages
 
 EMBEDDED_HELD_OUT = "embedded_held_out"
 
@@ -26,14 +26,8 @@ def conversation_prompts(rows: Sequence, template: ChatTemplate, num_prompts: in
     """
     by_category: dict[str, list[list[int]]] = {}
     for row in rows:
-        try:
-            messages = parse_row(row)
-        except RowError:
-            continue
-        if isinstance(messages, str):
-            continue
-        last_model = max(i for i, m in enumerate(messages) if m["role"] == "model")
-        by_category.setdefault(row.get("category") or "chat", []).append(template.prompt_ids(messages[:last_model]))
+        if (messages := prompt_messages(row)) is not None:
+            by_category.setdefault(row.get("category") or "chat", []).append(template.prompt_ids(messages))
     prompts: list[Prompt] = []
     queues = [(category, iter(ids)) for category, ids in sorted(by_category.items())]
     while queues and len(prompts) < num_prompts:
