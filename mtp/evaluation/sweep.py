@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import tqdm
 from flax import nnx
 
-from mtp.decoding.generate import GEMMA4_STOP_TOKENS, Generation, generate
+from mtp.decoding.generate import GEMMA4_STOP_TOKENS, Generation, generate, padded_length
 from mtp.evaluation.prompts import Prompt
 from mtp.target.model import Gemma4
 
@@ -23,10 +23,6 @@ class Run:
     seconds: list[float] = dataclasses.field(default_factory=list)
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def sweep(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Prompt], *, draft_lens: Sequence[int],
           max_new_tokens: int, stop_tokens: Sequence[int] = GEMMA4_STOP_TOKENS, progress: bool = True,
           ) -> dict[int, Run]:  # fmt: skip
@@ -36,7 +32,7 @@ def sweep(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Prompt],
     Every prompt is padded to one length, so each mode compiles once.
     """
     modes = [0, *draft_lens]
-    pad = _round_up(max(len(p.token_ids) for p in prompts), 64)
+    pad = padded_length(max(len(p.token_ids) for p in prompts), 64)
     kwargs = dict(max_new_tokens=max_new_tokens, stop_tokens=tuple(stop_tokens), pad_multiple=pad)
     for mode in modes:  # compile
         generate(target, drafter if mode else None, [prompts[0].token_ids], draft_len=mode, **kwargs)
@@ -45,7 +41,9 @@ def sweep(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Prompt],
     for index, prompt in enumerate(bar):
         for mode in modes[index % len(modes) :] + modes[: index % len(modes)]:
             start = time.perf_counter()
-            outputs, _ = generate(target, drafter if mode else None, [prompt.token_ids], draft_len=mode, **kwargs)
+            outputs, _ = generate(
+                target, drafter if mode else None, [prompt.token_ids], draft_len=mode, first_row=index, **kwargs
+            )  # the prompt's own random stream when sampling
             runs[mode].seconds.append(time.perf_counter() - start)
             runs[mode].outputs.append(outputs[0])
         if draft_lens:
