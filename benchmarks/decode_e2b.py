@@ -45,8 +45,8 @@ from mtp.checkpoint.hf_drafter import load_drafter, save_drafter
 from mtp.decoding.generate import generate, summarize
 from mtp.drafter.draft import draft
 from mtp.drafter.model import Drafter
-from mtp.target.cache import KVCache
-from mtp.target.model import Gemma4, drafter_kv_from_cache
+from mtp.gemma4.cache import KVCache
+from mtp.gemma4.model import Gemma4, drafter_kv_from_cache
 from tests import hf_oracle  # sets torch to one thread
 from tests.decoding.drafters import copy_drafter
 

@@ -29,7 +29,7 @@ from flax import nnx
 from configs import tiny, tiny_target
 from mtp.decoding.generate import generate
 from mtp.drafter.model import Drafter
-from mtp.training import tiny_target as tt
+from mtp.embedded import target as tt
 from mtp.training.setup import drafter_config_for
 from mtp.training.state import make_optimizer
 

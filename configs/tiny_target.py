@@ -1,6 +1,6 @@
 """The embedded target: a 12-layer Gemma 4 causal LM (11.7M parameters) pretrained on the embedded stdlib corpus.
 
-    python -m mtp.training.tiny_target --config configs/tiny_target.py --workdir /tmp/mtp_cache
+    python -m mtp.embedded.target --config configs/tiny_target.py --workdir /tmp/mtp_cache
 
 Writes a Gemma4ForCausalLM directory (config.json, model.safetensors, tokenizer.json, manifest.json) to
 WORKDIR/tiny_target, once; ``configs/tiny.py`` gets it this way (in $MTP_CACHE or ~/.cache/mtp). Its tokenizer is
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seq_len = 128
     config.log_every_steps = 10
     config.eval_batches = 16  # 16 x 16 x 128 tokens of the held-out split
-    # A real Gemma 4 shape in miniature (fields of mtp.target.Gemma4Config): 5 sliding layers to 1 global.
+    # A real Gemma 4 shape in miniature (fields of mtp.gemma4.Gemma4Config): 5 sliding layers to 1 global.
     config.model = ml_collections.ConfigDict(
         {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 1024, "num_layers": 12, "num_heads": 4,
          "num_kv_heads": 1, "head_dim": 64, "global_head_dim": 128, "layer_types": ((SLIDING,) * 5 + (FULL,)) * 2,

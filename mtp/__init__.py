@@ -8,6 +8,6 @@ Dimension letters, used in einsum strings and in variable names (``x_BTD``, ``k_
     P draft length     L layers                        E experts
     C centroids        G per-layer-embedding width
 
-Packages: ``mtp.target`` (the frozen Gemma 4 decoder), ``mtp.checkpoint`` (Hugging Face safetensors I/O),
+Packages: ``mtp.gemma4`` (the frozen Gemma 4 decoder), ``mtp.checkpoint`` (Hugging Face safetensors I/O),
 ``mtp.drafter`` (MTP drafter heads), ``mtp.decoding`` (speculative decoding), ``mtp.training`` (distillation).
 """

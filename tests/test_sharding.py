@@ -9,8 +9,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from mtp import sharding
-from mtp.target.config import PRESETS, config_from_hf
-from mtp.target.model import Gemma4
+from mtp.gemma4.config import PRESETS, config_from_hf
+from mtp.gemma4.model import Gemma4
 from tests import hf_oracle
 
 

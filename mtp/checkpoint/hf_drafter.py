@@ -26,7 +26,7 @@ from mtp.checkpoint.layout import Layout, linear, same
 from mtp.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint, save_safetensors
 from mtp.drafter.config import DrafterConfig, DrafterConfigError, config_from_hf, config_to_hf
 from mtp.drafter.model import Drafter
-from mtp.target.config import Gemma4Config
+from mtp.gemma4.config import Gemma4Config
 
 log = logging.getLogger(__name__)
 

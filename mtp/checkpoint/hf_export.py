@@ -20,8 +20,8 @@ from flax import nnx
 
 from mtp.checkpoint.hf_target import target_layouts
 from mtp.checkpoint.safetensors_io import save_safetensors
-from mtp.target.config import Gemma4Config, decoder_fields_to_hf
-from mtp.target.model import Gemma4
+from mtp.gemma4.config import Gemma4Config, decoder_fields_to_hf
+from mtp.gemma4.model import Gemma4
 
 ARCHITECTURE = "Gemma4ForCausalLM"
 MODEL_TYPE = "gemma4_text"

@@ -18,8 +18,8 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from mtp import sharding as sharding_lib
 from mtp.checkpoint.layout import Layout, linear, same
 from mtp.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
-from mtp.target.config import Gemma4Config, config_from_hf
-from mtp.target.model import Gemma4
+from mtp.gemma4.config import Gemma4Config, config_from_hf
+from mtp.gemma4.model import Gemma4
 
 log = logging.getLogger(__name__)
 

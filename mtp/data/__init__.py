@@ -1,6 +1,6 @@
 """Training data: ``datasets`` sources, the Gemma 4 chat template, tokenizers, packing and the grain pipeline.
 
 ``sources.load_rows`` -> ``chat.ChatTemplate`` (on ``tokenizer.load_tokenizer``) -> ``pipeline.make_train_iterator``
-/ ``make_eval_batches`` (which pack with ``packing``). ``embedded.ensure_embedded_dataset`` builds the tiny default
-corpus (conversations about the Python standard library) and its tokenizer.
+/ ``make_eval_batches`` (which pack with ``packing``). The embedded default's corpus lives in
+``mtp.embedded``.
 """

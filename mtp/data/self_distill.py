@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from mtp.data.chat import ChatTemplate, prompt_messages
 from mtp.decoding.generate import generate
 from mtp.decoding.sampling import Sampling
-from mtp.target.model import Gemma4
+from mtp.gemma4.model import Gemma4
 
 log = logging.getLogger(__name__)
 

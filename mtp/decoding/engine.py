@@ -20,8 +20,8 @@ from flax import nnx
 from mtp.decoding import sampling as sampling_lib
 from mtp.decoding.sampling import Sampling
 from mtp.drafter.draft import draft
-from mtp.target.cache import KVCache
-from mtp.target.model import drafter_kv_from_cache
+from mtp.gemma4.cache import KVCache
+from mtp.gemma4.model import drafter_kv_from_cache
 
 
 @jax.tree_util.register_dataclass

@@ -14,7 +14,7 @@ from flax import nnx
 from mtp.decoding.engine import DecodeResult, decode_loop, stop_token_array
 from mtp.decoding.sampling import Sampling
 from mtp.errors import UserError
-from mtp.target.model import Gemma4
+from mtp.gemma4.model import Gemma4
 
 GEMMA4_STOP_TOKENS = (1, 106)
 GREEDY = Sampling()  # EOS ends text; <end_of_turn> (106) ends a chat turn.

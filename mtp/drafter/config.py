@@ -6,8 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from mtp.target import config as target_config_lib
-from mtp.target.config import (
+from mtp.gemma4 import config as target_config_lib
+from mtp.gemma4.config import (
     ATTENTION_TYPES,
     FULL,
     SLIDING,
@@ -58,7 +58,7 @@ class DrafterConfig:
     centroid_intermediate_top_k: int = 32
     max_draft_len: int = 8
     final_logit_softcapping: float | None = None
-    attention_impl: str = "auto"  # ours: see ``mtp.target.attention.attend``
+    attention_impl: str = "auto"  # ours: see ``mtp.gemma4.attention.attend``
 
     def __post_init__(self):
         if len(self.layer_types) != self.num_layers:
@@ -190,7 +190,7 @@ def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json", ma
     if model_type != MODEL_TYPE:
         raise DrafterConfigError(
             f"{source}: model_type is {model_type!r}; a Gemma 4 MTP drafter has model_type {MODEL_TYPE!r} "
-            "(targets, 'gemma4' / 'gemma4_text', load with mtp.target)."
+            "(targets, 'gemma4' / 'gemma4_text', load with mtp.gemma4)."
         )
     if unknown := sorted(set(config) - _TOP_LEVEL_KEYS - target_config_lib._IGNORED_TEXT_KEYS):
         raise DrafterConfigError(f"{source}: unsupported assistant config keys {unknown}; mtp would ignore them.")

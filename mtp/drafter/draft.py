@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from mtp.drafter.model import Drafter
-from mtp.target.model import Gemma4, LayerKV
+from mtp.gemma4.model import Gemma4, LayerKV
 
 
 @jax.tree_util.register_dataclass

@@ -15,11 +15,11 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from mtp.drafter.config import DrafterConfig
+from mtp.gemma4.attention import attend
+from mtp.gemma4.config import SLIDING
+from mtp.gemma4.layers import RMSNorm, param, rope_inv_freq, rope_tables
+from mtp.gemma4.model import DecoderLayer, LayerKV
 from mtp.sharding import constrain_batch
-from mtp.target.attention import attend
-from mtp.target.config import SLIDING
-from mtp.target.layers import RMSNorm, param, rope_inv_freq, rope_tables
-from mtp.target.model import DecoderLayer, LayerKV
 
 
 @jax.tree_util.register_dataclass

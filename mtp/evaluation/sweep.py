@@ -11,7 +11,7 @@ from flax import nnx
 
 from mtp.decoding.generate import GEMMA4_STOP_TOKENS, Generation, generate, padded_length
 from mtp.evaluation.prompts import Prompt
-from mtp.target.model import Gemma4
+from mtp.gemma4.model import Gemma4
 
 
 @dataclasses.dataclass

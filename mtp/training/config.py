@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # The frozen target: a Hugging Face Gemma 4 directory, or (embedded_tiny) the tiny LM trained on the
     # embedded corpus the first time it is needed.
-    # ``preset`` names the published shape (mtp.target.config.PRESETS) that a dry run compiles without weights.
+    # ``preset`` names the published shape (mtp.gemma4.config.PRESETS) that a dry run compiles without weights.
     c.target = ml_collections.ConfigDict({"hf_path": "", "embedded_tiny": False, "dtype": "float32", "preset": ""})
     c.drafter = ml_collections.ConfigDict(
         {

@@ -13,8 +13,8 @@ from jax.sharding import Mesh
 from mtp import sharding as sharding_lib
 from mtp.checkpoint.hf_target import read_config
 from mtp.drafter.model import Drafter
-from mtp.target.config import PRESETS, Gemma4Config, config_from_hf
-from mtp.target.model import Gemma4
+from mtp.gemma4.config import PRESETS, Gemma4Config, config_from_hf
+from mtp.gemma4.model import Gemma4
 from mtp.training.config import loss_config
 from mtp.training.setup import drafter_config_for
 from mtp.training.state import (

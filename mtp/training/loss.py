@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtp.drafter.model import DrafterFeatures
+from mtp.gemma4.model import Gemma4, TargetOutput
 from mtp.sharding import constrain_replicated
-from mtp.target.model import Gemma4, TargetOutput
 from mtp.training.centroids import centroid_loss
 
 DIVERGENCES = ("kl", "tv")

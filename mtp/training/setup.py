@@ -13,13 +13,13 @@ import numpy as np
 from flax import nnx
 
 from mtp.data.chat import ChatTemplate
-from mtp.data.embedded import ensure_embedded_dataset
 from mtp.data.pipeline import PipelineConfig, make_eval_batches, make_train_iterator
 from mtp.data.sources import load_rows
 from mtp.data.tokenizer import load_tokenizer
 from mtp.drafter.config import DrafterConfig
 from mtp.drafter.model import Drafter
-from mtp.target.model import Gemma4
+from mtp.embedded.corpus import ensure_embedded_dataset
+from mtp.gemma4.model import Gemma4
 from mtp.training.centroids import balanced_clusters, cluster_means
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def target_directory(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
     if config.target.hf_path:
         return pathlib.Path(config.target.hf_path)
     if config.target.embedded_tiny:
-        from mtp.training.tiny_target import default_config, ensure_tiny_target
+        from mtp.embedded.target import default_config, ensure_tiny_target
 
         variant = config.target.get("embedded_variant") or None
         return pathlib.Path(ensure_tiny_target(cache_root(), default_config(variant), name=variant))

@@ -3,7 +3,7 @@
 Equality. Export only moves bytes (a reshape and a transpose per tensor), so an HF checkpoint read by ``load_target``
 and written back by ``save_target`` must give transformers the original state dict bit for bit, and a second
 load/save cycle must reproduce the files byte for byte. Logits of a model that never saw transformers (random init
-from our config) are float32 kernel noise apart and pass by ``assert_float32_close`` (tests/target/test_oracle.py).
+from our config) are float32 kernel noise apart and pass by ``assert_float32_close`` (tests/gemma4/test_oracle.py).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from flax import nnx
 from mtp.checkpoint.hf_export import config_to_hf, save_target
 from mtp.checkpoint.hf_target import load_target
 from mtp.checkpoint.safetensors_io import SafetensorsCheckpoint
-from mtp.target.config import PRESETS, config_from_hf
-from mtp.target.model import Gemma4
+from mtp.gemma4.config import PRESETS, config_from_hf
+from mtp.gemma4.model import Gemma4
 from tests import hf_oracle
-from tests.target.test_oracle import assert_float32_close, references, token_ids
+from tests.gemma4.test_oracle import assert_float32_close, references, token_ids
 
 # Fields of transformers' Gemma4TextConfig that shape the model (per_layer_config carries global head dim / KV heads).
 HF_FIELDS = (

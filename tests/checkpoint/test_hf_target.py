@@ -3,7 +3,7 @@
 Equality. The same weights through the same code give bit-identical logits, so every checkpoint form (layout,
 sharding, config form) must reproduce the plain causal_lm single-file load exactly. Against transformers, and
 wherever a different XLA program computes the logits (a sharded forward sums in another order: measured up to
-3e-5 apart), results are float32 kernel noise and pass by ``assert_float32_close`` (tests/target/test_oracle.py):
+3e-5 apart), results are float32 kernel noise and pass by ``assert_float32_close`` (tests/gemma4/test_oracle.py):
 no further from the exact float64 answer than twice transformers' own float32 error. That also covers bf16 files
 computed in float32, where a flat 1e-5 would fail on kernel noise alone (dense: 3.7e-5, as with f32 weights).
 """
@@ -36,10 +36,10 @@ from mtp.checkpoint.safetensors_io import (
     SafetensorsCheckpoint,
     save_safetensors,
 )
-from mtp.target.config import ConfigError
-from mtp.target.model import Gemma4
+from mtp.gemma4.config import ConfigError
+from mtp.gemma4.model import Gemma4
 from tests import hf_oracle
-from tests.target.test_oracle import assert_float32_close, max_err, references, token_ids
+from tests.gemma4.test_oracle import assert_float32_close, max_err, references, token_ids
 
 IDS = token_ids(2, 12, seed=7)
 CG, CLM = "conditional_generation", "causal_lm"

@@ -6,7 +6,7 @@ from flax import nnx
 
 from mtp.drafter.config import DrafterConfig
 from mtp.drafter.model import Drafter
-from mtp.target.model import Gemma4
+from mtp.gemma4.model import Gemma4
 
 SHAPE = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64}
 

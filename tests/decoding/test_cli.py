@@ -29,7 +29,7 @@ from tests import hf_oracle
 from tests.decoding.drafters import copy_drafter
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-TOKENIZER = REPO / "mtp/data/assets/tiny_tokenizer.json"
+TOKENIZER = REPO / "mtp/embedded/assets/tiny_tokenizer.json"
 KIND, OTHER_KIND = "e2b_like", "keqv_like"
 DRAFT_LEN, MAX_NEW, BATCH = 3, 16, 2
 PROMPT_LENGTHS = (12, 3, 7, 16)  # ragged; both batches pad to 16 tokens, so each run compiles once

@@ -10,8 +10,8 @@ from mtp.checkpoint import load_target
 from mtp.decoding import engine
 from mtp.decoding.engine import round_counts, stop_token_array
 from mtp.decoding.generate import GREEDY, DecodeInputError, generate, summarize
-from mtp.target.config import FULL, SLIDING, Gemma4Config
-from mtp.target.model import Gemma4
+from mtp.gemma4.config import FULL, SLIDING, Gemma4Config
+from mtp.gemma4.model import Gemma4
 from tests import hf_oracle
 from tests.decoding.drafters import copy_drafter, random_drafter
 

@@ -22,8 +22,8 @@ from mtp.decoding import engine
 from mtp.decoding import sampling as sampling_lib
 from mtp.decoding.generate import generate, generate_in_batches
 from mtp.decoding.sampling import Sampling
-from mtp.target.config import FULL, SLIDING, Gemma4Config
-from mtp.target.model import Gemma4
+from mtp.gemma4.config import FULL, SLIDING, Gemma4Config
+from mtp.gemma4.model import Gemma4
 from tests.decoding.drafters import random_drafter
 
 VOCAB, NEW, SAMPLES = 4, 3, 12_000

@@ -8,8 +8,8 @@ import torch
 
 from mtp.checkpoint.hf_drafter import load_drafter
 from mtp.checkpoint.hf_target import load_target
-from mtp.target.config import FULL, SLIDING
-from mtp.target.model import LayerKV
+from mtp.gemma4.config import FULL, SLIDING
+from mtp.gemma4.model import LayerKV
 from tests import hf_oracle
 
 

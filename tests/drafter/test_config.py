@@ -9,8 +9,8 @@ from flax import nnx
 from mtp.checkpoint.hf_drafter import drafter_layouts
 from mtp.drafter.config import DrafterConfig, DrafterConfigError, config_from_hf, config_to_hf
 from mtp.drafter.model import Drafter
-from mtp.target import config as target_config_lib
-from mtp.target.config import RopeConfig
+from mtp.gemma4 import config as target_config_lib
+from mtp.gemma4.config import RopeConfig
 from tests import hf_oracle
 
 

@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from mtp.drafter.draft import draft
-from mtp.target.cache import KVCache
+from mtp.gemma4.cache import KVCache
 from tests import hf_oracle
 from tests.drafter.conftest import hf_step_inputs, layer_kv, token_ids
 

@@ -4,7 +4,7 @@ Inputs are what HF's generator feeds (scaled target embedding, target hidden sta
 positions < p) at p = 12 and 20 (past window + 1 = 9), four rows in one batch. Our rows read one cache-like K/V
 with stale slots (positions >= p), empty slots and a shuffled slot order, which must not matter.
 
-Tolerances (those of tests/target/test_oracle.py): float64 on both sides within 1e-6 (measured <= 1.5e-14), and
+Tolerances (those of tests/gemma4/test_oracle.py): float64 on both sides within 1e-6 (measured <= 1.5e-14), and
 float32 no further from transformers' float64 answer than twice transformers' own float32 error, floor 1e-5. A
 plain 1e-5 against transformers' float32 is too tight: some rows are ill-conditioned (rounding the weights by one
 float32 ulp moves their logits by 3.5e-6), so two correct float32 implementations differ by up to 1.1e-5.
@@ -20,11 +20,11 @@ import pytest
 from flax import nnx
 
 from mtp.checkpoint.hf_drafter import load_drafter
-from mtp.target.config import SLIDING
-from mtp.target.model import LayerKV
+from mtp.gemma4.config import SLIDING
+from mtp.gemma4.model import LayerKV
 from tests import hf_oracle
 from tests.drafter.conftest import hf_step_inputs, token_ids
-from tests.target.test_oracle import assert_close, assert_float32_close, max_err, transformers_in_float64
+from tests.gemma4.test_oracle import assert_close, assert_float32_close, max_err, transformers_in_float64
 
 F64_ATOL = 1e-6
 CASES = [(kind, ordered) for kind in hf_oracle.TARGET_KINDS for ordered in (False, True)]

@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory):
-    from mtp.training.tiny_target import default_config, ensure_tiny_target
+    from mtp.embedded.target import default_config, ensure_tiny_target
 
     root = tmp_path_factory.mktemp("mtp_cache")
     previous = os.environ.get("MTP_CACHE")

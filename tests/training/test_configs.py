@@ -6,9 +6,9 @@ import pathlib
 
 import pytest
 
-from mtp.target.config import PRESETS
+from mtp.gemma4.config import PRESETS
 from mtp.training.dry_run import dry_run
-from tests.target.test_config import param_count
+from tests.gemma4.test_config import param_count
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[2] / "configs").glob("*.py"))
 

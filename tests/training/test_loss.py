@@ -9,9 +9,9 @@ from flax import nnx
 from mtp.drafter.config import DrafterConfig
 from mtp.drafter.draft import draft
 from mtp.drafter.model import Drafter
-from mtp.target.cache import KVCache
-from mtp.target.config import config_from_hf
-from mtp.target.model import Gemma4, drafter_kv_from_cache
+from mtp.gemma4.cache import KVCache
+from mtp.gemma4.config import config_from_hf
+from mtp.gemma4.model import Gemma4, drafter_kv_from_cache
 from mtp.training.loss import LossConfig, distill_loss, drafted_tokens, frozen_target, unroll
 from tests import hf_oracle
 

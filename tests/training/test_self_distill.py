@@ -6,12 +6,12 @@ import pytest
 
 from mtp.checkpoint import load_target
 from mtp.data.chat import ChatTemplate
-from mtp.data.embedded import ensure_embedded_dataset
 from mtp.data.pipeline import PipelineConfig, make_eval_batches
 from mtp.data.self_distill import prompts_of, regenerate
 from mtp.data.sources import load_rows
 from mtp.data.tokenizer import load_tokenizer
 from mtp.decoding.generate import generate
+from mtp.embedded.corpus import ensure_embedded_dataset
 
 pytestmark = pytest.mark.slow
 

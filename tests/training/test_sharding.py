@@ -10,8 +10,8 @@ from flax import nnx
 
 from configs import tiny
 from mtp import sharding as sharding_lib
-from mtp.target.config import config_from_hf
-from mtp.target.model import Gemma4
+from mtp.gemma4.config import config_from_hf
+from mtp.gemma4.model import Gemma4
 from mtp.training import setup
 from mtp.training.config import loss_config
 from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_drafter

@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mtp.target.config import ATTENTION_TYPES, SLIDING, Gemma4Config
+from mtp.gemma4.config import ATTENTION_TYPES, SLIDING, Gemma4Config
 
 
 @jax.tree_util.register_dataclass

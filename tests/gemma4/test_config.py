@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp.target.config import FULL, PRESETS, ConfigError, Gemma4Config, config_from_hf
-from mtp.target.model import Gemma4
+from mtp.gemma4.config import FULL, PRESETS, ConfigError, Gemma4Config, config_from_hf
+from mtp.gemma4.model import Gemma4
 from tests import hf_oracle
 
 

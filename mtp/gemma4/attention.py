@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from mtp.target.layers import RMSNorm, apply_rope, param, rms_norm
+from mtp.gemma4.layers import RMSNorm, apply_rope, param, rms_norm
 
 # A block of keys the queries may see: keys and values [B, K, S, H] and which of them each query sees [B, T, S].
 KVBlock = tuple[jax.Array, jax.Array, jax.Array]

@@ -2,9 +2,9 @@
 
 import json
 
-from mtp.data import embedded
 from mtp.data.chat import parse_row
 from mtp.data.tokenizer import load_tokenizer
+from mtp.embedded import corpus as embedded
 
 
 def _read(path):

@@ -9,12 +9,12 @@ import pytest
 from flax import nnx
 
 from mtp.drafter.model import target_kv_mask
-from mtp.target import attention
-from mtp.target.attention import attend, cache_mask, chunk_mask
-from mtp.target.config import FULL, PRESETS, SLIDING
-from mtp.target.model import Gemma4
+from mtp.gemma4 import attention
+from mtp.gemma4.attention import attend, cache_mask, chunk_mask
+from mtp.gemma4.config import FULL, PRESETS, SLIDING
+from mtp.gemma4.model import Gemma4
 
-TOLERANCE = {jnp.float64: 1e-6, jnp.float32: 1e-5}  # as for the oracle tests (tests/target/test_oracle.py)
+TOLERANCE = {jnp.float64: 1e-6, jnp.float32: 1e-5}  # as for the oracle tests (tests/gemma4/test_oracle.py)
 B, T, N, K, H = 2, 19, 4, 2, 8  # T not a multiple of the chunks: padding of queries and keys is exercised
 
 

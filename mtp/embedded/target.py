@@ -6,7 +6,7 @@ is the target's pretraining, not chat fine-tuning) and exports a Hugging Face ``
 a later call with the same settings returns at once and changed settings retrain. Hyper-parameters and training
 settings come from ``configs/tiny_target.py``.
 
-    python -m mtp.training.tiny_target --config configs/tiny_target.py --workdir DIR
+    python -m mtp.embedded.target --config configs/tiny_target.py --workdir DIR
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from flax import nnx
 
 from mtp.checkpoint.hf_export import config_to_hf, save_target
 from mtp.data.chat import ChatTemplate
-from mtp.data.embedded import EMBEDDED_TOKENIZER_ASSET, ensure_embedded_dataset
-from mtp.data.embedded import VERSION as CORPUS_VERSION
 from mtp.data.pipeline import PipelineConfig, make_eval_batches, make_train_iterator
 from mtp.data.sources import load_rows
 from mtp.data.tokenizer import load_tokenizer
-from mtp.target.config import Gemma4Config
-from mtp.target.model import Gemma4
+from mtp.embedded.corpus import EMBEDDED_TOKENIZER_ASSET, ensure_embedded_dataset
+from mtp.embedded.corpus import VERSION as CORPUS_VERSION
+from mtp.gemma4.config import Gemma4Config
+from mtp.gemma4.model import Gemma4
 from mtp.training.state import make_optimizer
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ import pytest
 from mtp.checkpoint import load_target
 from mtp.data.chat import ChatTemplate
 from mtp.data.tokenizer import load_tokenizer
-from mtp.training import tiny_target
+from mtp.embedded import target as tiny_target
 from tests import hf_oracle
-from tests.target.test_oracle import assert_float32_close, references
+from tests.gemma4.test_oracle import assert_float32_close, references
 
 pytestmark = pytest.mark.slow
 

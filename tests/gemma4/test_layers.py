@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp.target import layers
-from mtp.target.layers import MixtureOfExperts
+from mtp.gemma4 import layers
+from mtp.gemma4.layers import MixtureOfExperts
 
 
 @pytest.mark.parametrize("length", [11, 12], ids=["tiles", "chunks_of_tiles"])

@@ -19,8 +19,8 @@ import torch
 from flax import nnx
 
 from mtp.checkpoint.hf_target import load_target
-from mtp.target.cache import KVCache
-from mtp.target.config import FULL, SLIDING
+from mtp.gemma4.cache import KVCache
+from mtp.gemma4.config import FULL, SLIDING
 from tests import hf_oracle
 
 F64_ATOL = 1e-6

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from mtp.gemma4 import cache as cache_lib
+from mtp.gemma4.attention import Attention, attend, cache_mask, chunk_mask
+from mtp.gemma4.cache import KVCache
+from mtp.gemma4.config import ATTENTION_TYPES, SLIDING, Gemma4Config
+from mtp.gemma4.layers import MLP, MixtureOfExperts, RMSNorm, gelu_tanh, param, rope_inv_freq, rope_tables
 from mtp.sharding import constrain_batch
-from mtp.target import cache as cache_lib
-from mtp.target.attention import Attention, attend, cache_mask, chunk_mask
-from mtp.target.cache import KVCache
-from mtp.target.config import ATTENTION_TYPES, SLIDING, Gemma4Config
-from mtp.target.layers import MLP, MixtureOfExperts, RMSNorm, gelu_tanh, param, rope_inv_freq, rope_tables
 
 
 @jax.tree_util.register_dataclass

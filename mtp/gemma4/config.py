@@ -57,7 +57,7 @@ class Gemma4Config:
     bos_token_id: int = 2
     eos_token_ids: tuple[int, ...] = (1, 106)
     pad_token_id: int = 0
-    attention_impl: str = "auto"  # ours, not HF's: see ``mtp.target.attention.attend``
+    attention_impl: str = "auto"  # ours, not HF's: see ``mtp.gemma4.attention.attend``
 
     def __post_init__(self):
         if len(self.layer_types) != self.num_layers:
