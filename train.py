@@ -36,8 +36,13 @@ def main(argv):
     if os.environ.get("MTP_DISTRIBUTED"):
         jax.distributed.initialize()  # multi-host: reads the TPU / SLURM / JAX_* environment
 
-    logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),
-                 jax.devices()[0].platform)  # fmt: skip
+    logging.info(
+        "JAX %s: %d processes, %d devices (%s)",
+        jax.__version__,
+        jax.process_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+    )
     run(_CONFIG.value, _WORKDIR.value)
 
 

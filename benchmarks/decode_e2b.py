@@ -52,11 +52,21 @@ from tests.decoding.drafters import copy_drafter
 
 NUM_LAYERS = 12
 E2B_LIKE = hf_oracle.tiny_text_config_dict("e2b_like") | {
-    "vocab_size": 4096, "vocab_size_per_layer_input": 4096, "hidden_size": 512, "intermediate_size": 2048,
-    "num_hidden_layers": NUM_LAYERS, "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 64,
-    "global_head_dim": 128, "layer_types": hf_oracle._layer_types(NUM_LAYERS, (3, 7, 11)), "sliding_window": 128,
-    "hidden_size_per_layer_input": 64, "num_kv_shared_layers": 6, "use_double_wide_mlp": True,
-}  # fmt: skip
+    "vocab_size": 4096,
+    "vocab_size_per_layer_input": 4096,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_hidden_layers": NUM_LAYERS,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "global_head_dim": 128,
+    "layer_types": hf_oracle._layer_types(NUM_LAYERS, (3, 7, 11)),
+    "sliding_window": 128,
+    "hidden_size_per_layer_input": 64,
+    "num_kv_shared_layers": 6,
+    "use_double_wide_mlp": True,
+}
 PROMPT_LEN = 16
 
 
@@ -129,11 +139,17 @@ def components(target: Gemma4, drafter: Drafter, draft_len: int, max_new: int, r
         jax.block_until_ready(nothing(target_state, drafter_state, token, hidden, holder["cache"]))
 
     prompt = np.random.default_rng(1).integers(3, target.config.vocab_size, PROMPT_LEN).tolist()
-    long_run = functools.partial(generate, target, drafter, [prompt], draft_len=draft_len, max_new_tokens=max_new,
-                                 stop_tokens=())  # fmt: skip
+    long_run = functools.partial(
+        generate, target, drafter, [prompt], draft_len=draft_len, max_new_tokens=max_new, stop_tokens=()
+    )
     (output,), _ = long_run()
-    fns = {"decode": verify(1), "verify": verify(draft_len + 1), "draft_1": drafter_steps(1),
-           "draft_k": drafter_steps(draft_len), "dispatch": dispatch}  # fmt: skip
+    fns = {
+        "decode": verify(1),
+        "verify": verify(draft_len + 1),
+        "draft_1": drafter_steps(1),
+        "draft_k": drafter_steps(draft_len),
+        "dispatch": dispatch,
+    }
     fns |= {f"bare T={t}": bare_dots(target, t) for t in (1, draft_len + 1)}
     for fn in fns.values():
         fn()  # compile
@@ -203,8 +219,9 @@ def throughput(target, drafter, draft_len, max_new, batches, reps) -> dict[tuple
     for batch in batches:
         prompts = rng.integers(3, target.config.vocab_size, (batch, PROMPT_LEN)).tolist()
         for k in (0, draft_len):
-            fns[(batch, k)] = functools.partial(generate, target, drafter, prompts, draft_len=k, max_new_tokens=max_new,
-                                                stop_tokens=())  # fmt: skip
+            fns[(batch, k)] = functools.partial(
+                generate, target, drafter, prompts, draft_len=k, max_new_tokens=max_new, stop_tokens=()
+            )
             outputs, _ = fns[(batch, k)]()
             taus[(batch, k)] = summarize(outputs, k, 1.0)["acceptance_length"]
     ms = interleaved_ms(fns, reps)
@@ -255,17 +272,21 @@ def main():
         print(f"\n(2) batch 1, greedy, k={k}, {max_new} new tokens, identical tokens asserted, median of {args.reps}")
         for name in ("mtp plain", "mtp speculative", "HF plain", "HF assisted"):
             print(f"  {name:<18}{e[f'{name} tok/s']:8.0f} tok/s")
-        print(f"  τ {e['tau']:.2f} (HF {e['HF tau']:.2f}); speedup over plain {speedup:.2f}x; efficiency "
-              f"{speedup / e['tau']:.2f} (goal >= 0.8); vs HF assisted "
-              f"{e['mtp speculative tok/s'] / e['HF assisted tok/s']:.1f}x (goal >= 5)")  # fmt: skip
+        print(
+            f"  τ {e['tau']:.2f} (HF {e['HF tau']:.2f}); speedup over plain {speedup:.2f}x; efficiency "
+            f"{speedup / e['tau']:.2f} (goal >= 0.8); vs HF assisted "
+            f"{e['mtp speculative tok/s'] / e['HF assisted tok/s']:.1f}x (goal >= 5)"
+        )
 
         batches = [int(b) for b in args.batches.split(",")]
         t = throughput(target, drafter, k, max_new, batches, args.reps)
         print(f"\n(3) throughput, tokens/s over all rows, {max_new} new tokens per row")
         print(f"  {'batch':>5} {'plain':>8} {'spec':>8} {'ratio':>6} {'τ':>5}")
         for b in batches:
-            print(f"  {b:>5} {t[(b, 0)][0]:8.0f} {t[(b, k)][0]:8.0f} {t[(b, k)][0] / t[(b, 0)][0]:6.2f} "
-                  f"{t[(b, k)][1]:5.2f}")  # fmt: skip
+            print(
+                f"  {b:>5} {t[(b, 0)][0]:8.0f} {t[(b, k)][0]:8.0f} {t[(b, k)][0] / t[(b, 0)][0]:6.2f} "
+                f"{t[(b, k)][1]:5.2f}"
+            )
     print(f"\nload average {os.getloadavg()}")
 
 

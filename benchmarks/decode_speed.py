@@ -44,9 +44,17 @@ from tests.decoding.drafters import copy_drafter
 # A "slightly bigger tiny" target for (2): the tiny kinds run a forward in well under a millisecond, where the
 # dispatch of a separately jitted call is a large share of what is measured.
 BIGGER = Gemma4Config(
-    vocab_size=8192, hidden_size=512, intermediate_size=2048, num_layers=8, num_heads=8, num_kv_heads=2,
-    head_dim=64, global_head_dim=128, layer_types=(SLIDING, SLIDING, SLIDING, FULL) * 2, sliding_window=64,
-)  # fmt: skip
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_layers=8,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=64,
+    global_head_dim=128,
+    layer_types=(SLIDING, SLIDING, SLIDING, FULL) * 2,
+    sliding_window=64,
+)
 
 
 def median_seconds(fn, reps: int) -> float:
@@ -87,8 +95,9 @@ def versus_transformers(kind: str, draft_len: int, max_new: int, reps: int, work
     hf_target, assistant = hf_oracle.load_target(target_dir), hf_oracle.load_assistant(drafter_dir)
     prompt = np.random.default_rng(0).integers(3, hf_oracle.VOCAB, 12).tolist()
 
-    ours = functools.partial(generate, target, drafter, [prompt], draft_len=draft_len, max_new_tokens=max_new,
-                             stop_tokens=())  # fmt: skip
+    ours = functools.partial(
+        generate, target, drafter, [prompt], draft_len=draft_len, max_new_tokens=max_new, stop_tokens=()
+    )
     theirs = functools.partial(hf_oracle.reference_assisted_greedy, hf_target, assistant, np.array([prompt]), max_new)
     (output,), _ = ours()  # compiles
     with counting_hf_forwards() as counter:
@@ -140,8 +149,9 @@ def engine_overhead(target: Gemma4, draft_len: int, max_new: int, reps: int, com
     """(2): time per round of a long generation against its two parts timed separately, same shapes."""
     drafter = copy_drafter(target)
     prompt = np.random.default_rng(1).integers(3, target.config.vocab_size, 16).tolist()
-    run = functools.partial(generate, target, drafter, [prompt], draft_len=draft_len, max_new_tokens=max_new,
-                            stop_tokens=())  # fmt: skip
+    run = functools.partial(
+        generate, target, drafter, [prompt], draft_len=draft_len, max_new_tokens=max_new, stop_tokens=()
+    )
     (output,), _ = run()
     round_seconds = median_seconds(run, reps) / output.target_forwards
 
@@ -197,18 +207,31 @@ def main():
     cpus = len(os.sched_getaffinity(0))
     print(f"load average {os.getloadavg()}; jax {jax.__version__} on {jax.devices()[0].platform}, {cpus} CPUs")
 
-    print(f"\n(1) vs transformers assisted generation: greedy, batch 1, k={k}, {max_new} new tokens, median of "
-          f"{args.reps} (goal: speedup >= 5)")  # fmt: skip
+    print(
+        f"\n(1) vs transformers assisted generation: greedy, batch 1, k={k}, {max_new} new tokens, median of "
+        f"{args.reps} (goal: speedup >= 5)"
+    )
     print(row("kind", "ours tok/s", "HF tok/s", "speedup", "τ ours", "τ HF"))
     with tempfile.TemporaryDirectory() as workdir:
         for kind in args.kinds.split(","):
             r = versus_transformers(kind, k, max_new, args.reps, pathlib.Path(workdir))
-            print(row(kind, f"{r['ours_tps']:.0f}", f"{r['hf_tps']:.0f}", f"{r['speedup']:.1f}x",
-                      f"{r['ours_tau']:.2f}", f"{r['hf_tau']:.2f}"), flush=True)  # fmt: skip
+            print(
+                row(
+                    kind,
+                    f"{r['ours_tps']:.0f}",
+                    f"{r['hf_tps']:.0f}",
+                    f"{r['speedup']:.1f}x",
+                    f"{r['ours_tau']:.2f}",
+                    f"{r['hf_tau']:.2f}",
+                ),
+                flush=True,
+            )
 
     long = 4 * max_new
-    print(f"\n(2) engine overhead: ms per round of a {long}-token greedy generation ÷ (one jitted target forward of "
-          f"k+1={k + 1} tokens + one jitted draft of k steps), median of {args.reps} (goal: ratio <= 1.2)")  # fmt: skip
+    print(
+        f"\n(2) engine overhead: ms per round of a {long}-token greedy generation ÷ (one jitted target forward of "
+        f"k+1={k + 1} tokens + one jitted draft of k steps), median of {args.reps} (goal: ratio <= 1.2)"
+    )
     print(row("target", "round", "forward", "draft", "ratio", "dispatch", "rounds", "τ"))
     with tempfile.TemporaryDirectory() as workdir:
         hf_oracle.save_target(hf_oracle.build_target("dense", seed=1), workdir)
@@ -217,8 +240,17 @@ def main():
         targets = {"tiny dense": (load_target(workdir), 200), f"bigger {size:.0f}M": (bigger, 30)}
         for name, (target, component_reps) in targets.items():
             r = engine_overhead(target, k, long, args.reps, component_reps)
-            print(row(name, *(f"{r[key]:.3f}" for key in ("round_ms", "forward_ms", "draft_ms")), f"{r['ratio']:.2f}",
-                      f"{r['dispatch_ms']:.3f}", r["rounds"], f"{r['tau']:.2f}"), flush=True)  # fmt: skip
+            print(
+                row(
+                    name,
+                    *(f"{r[key]:.3f}" for key in ("round_ms", "forward_ms", "draft_ms")),
+                    f"{r['ratio']:.2f}",
+                    f"{r['dispatch_ms']:.3f}",
+                    r["rounds"],
+                    f"{r['tau']:.2f}",
+                ),
+                flush=True,
+            )
     print(f"\nload average {os.getloadavg()}")
 
 

@@ -53,8 +53,14 @@ CANDIDATES = {  # name: (layers, width, mlp, heads, vocab)
 def target_config(layers, width, mlp, heads, vocab) -> ml_collections.ConfigDict:
     config = tiny_target.get_config()
     config.unlock()
-    config.model.update(vocab_size=vocab, hidden_size=width, intermediate_size=mlp, num_layers=layers,
-                        num_heads=heads, layer_types=layer_types(layers))  # fmt: skip
+    config.model.update(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_layers=layers,
+        num_heads=heads,
+        layer_types=layer_types(layers),
+    )
     return config
 
 
@@ -62,9 +68,11 @@ def train_tokens_per_second(config, steps: int = 3) -> float:
     model = tt.init_model(config)
     optimizer = nnx.Optimizer(model, make_optimizer(config)[0], wrt=nnx.Param)
     rng = np.random.default_rng(0)
-    batch = {"tokens": jnp.asarray(rng.integers(110, config.model.vocab_size, (16, 128)), jnp.int32),
-             "positions": jnp.tile(jnp.arange(128, dtype=jnp.int32), (16, 1)),
-             "segment_ids": jnp.ones((16, 128), jnp.int32)}  # fmt: skip
+    batch = {
+        "tokens": jnp.asarray(rng.integers(110, config.model.vocab_size, (16, 128)), jnp.int32),
+        "positions": jnp.tile(jnp.arange(128, dtype=jnp.int32), (16, 1)),
+        "segment_ids": jnp.ones((16, 128), jnp.int32),
+    }
     tt.train_step(model, optimizer, batch).block_until_ready()
     start = time.perf_counter()
     for _ in range(steps):
@@ -100,12 +108,25 @@ def main() -> None:
         drafter_ms = max((ms[4] - ms[1]) / 3, 1e-3)
         params = sum(int(np.prod(x.shape)) for x in jax_leaves(nnx.state(target, nnx.Param)))
         dparams = sum(int(np.prod(x.shape)) for x in jax_leaves(nnx.state(drafter, nnx.Param)))
-        row = (name, params / 1e6, dparams / 1e6, train_tokens_per_second(config), ms[0], ms[1], ms[4], drafter_ms,
-               ms[0] / drafter_ms, 2.5 * ms[0] / ms[4], 3.0 * ms[0] / ms[4])  # fmt: skip
+        row = (
+            name,
+            params / 1e6,
+            dparams / 1e6,
+            train_tokens_per_second(config),
+            ms[0],
+            ms[1],
+            ms[4],
+            drafter_ms,
+            ms[0] / drafter_ms,
+            2.5 * ms[0] / ms[4],
+            3.0 * ms[0] / ms[4],
+        )
         rows.append(row)
         print(ROW.format(*row), flush=True)
-    print("| target | params | drafter params | train tok/s | plain ms/token | round k=1 ms | round k=4 ms | "
-          "drafter ms/step | target/drafter | speedup τ=2.5 | speedup τ=3 |")  # fmt: skip
+    print(
+        "| target | params | drafter params | train tok/s | plain ms/token | round k=1 ms | round k=4 ms | "
+        "drafter ms/step | target/drafter | speedup τ=2.5 | speedup τ=3 |"
+    )
     for row in rows:
         print(ROW.format(*row))
 

@@ -59,9 +59,18 @@ def main():
     tx, schedule = make_optimizer(config)
     state, state_sh = init_state(params, extra, tx, mesh)
     target_sh = sharding_lib.state_shardings(target_state, mesh)
-    step = jit_train_step(state_sh, target_sh, batch_sharding(mesh), replicated(mesh), tx=tx, schedule=schedule,
-                          target_graph=target_graph, drafter_graph=drafter_graph, loss_config=loss_config(config),
-                          dtype=jnp.float32)  # fmt: skip
+    step = jit_train_step(
+        state_sh,
+        target_sh,
+        batch_sharding(mesh),
+        replicated(mesh),
+        tx=tx,
+        schedule=schedule,
+        target_graph=target_graph,
+        drafter_graph=drafter_graph,
+        loss_config=loss_config(config),
+        dtype=jnp.float32,
+    )
     # The step donates its state: feed each call the previous output.
     holder = {"state": state}
 

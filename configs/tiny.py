@@ -26,8 +26,15 @@ def get_config(arg: str | None = None):
     config.log_every_steps = 10
     config.eval_every_steps = 200
     config.checkpoint_every_steps = 200
-    config.drafter.update(num_layers=2, hidden_size=128, num_heads=4, intermediate_size=512, max_draft_len=4,
-                          num_centroids=16, centroid_intermediate_top_k=4)  # fmt: skip
+    config.drafter.update(
+        num_layers=2,
+        hidden_size=128,
+        num_heads=4,
+        intermediate_size=512,
+        max_draft_len=4,
+        num_centroids=16,
+        centroid_intermediate_top_k=4,
+    )
     config.loss.update(depth=4, chunk_size=64)
     config.optimizer.update(learning_rate=3e-3, warmup_steps=20)
     # What the job measures at its end (mtp.training.evaluate): held-out prompts, greedy, batch 1.
@@ -36,8 +43,15 @@ def get_config(arg: str | None = None):
     )
     if arg == "test":
         config.target.embedded_variant = "test"
-        config.update(num_train_steps=12, batch_size=4, seq_len=64, log_every_steps=2, eval_every_steps=6,
-                      checkpoint_every_steps=4, eval_batches=2)  # fmt: skip
+        config.update(
+            num_train_steps=12,
+            batch_size=4,
+            seq_len=64,
+            log_every_steps=2,
+            eval_every_steps=6,
+            checkpoint_every_steps=4,
+            eval_batches=2,
+        )
         config.drafter.update(hidden_size=32, intermediate_size=64)  # narrower than the test target
         config.evaluation.update(num_prompts=4, max_new_tokens=12)
         config.mesh.fsdp = 1  # one device, whatever the machine simulates

@@ -39,20 +39,45 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_batches = 16  # 16 x 16 x 128 tokens of the held-out split
     # A real Gemma 4 shape in miniature (fields of mtp.gemma4.Gemma4Config): 5 sliding layers to 1 global.
     config.model = ml_collections.ConfigDict(
-        {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 1024, "num_layers": 12, "num_heads": 4,
-         "num_kv_heads": 1, "head_dim": 64, "global_head_dim": 128, "layer_types": ((SLIDING,) * 5 + (FULL,)) * 2,
-         "sliding_window": 128, "final_logit_softcapping": 30.0}
-    )  # fmt: skip
+        {
+            "vocab_size": 4096,
+            "hidden_size": 256,
+            "intermediate_size": 1024,
+            "num_layers": 12,
+            "num_heads": 4,
+            "num_kv_heads": 1,
+            "head_dim": 64,
+            "global_head_dim": 128,
+            "layer_types": ((SLIDING,) * 5 + (FULL,)) * 2,
+            "sliding_window": 128,
+            "final_logit_softcapping": 30.0,
+        }
+    )
     # Tied embeddings: a small embedding makes the first logits ~0 (loss ln V) instead of sqrt(D)-scaled noise.
     config.embed_init_std = 0.02
     config.optimizer = ml_collections.ConfigDict(
-        {"learning_rate": 3e-3, "warmup_steps": 20, "weight_decay": 0.01, "grad_clip": 1.0, "b1": 0.9, "b2": 0.95,
-         "end_learning_rate_fraction": 0.1}
-    )  # fmt: skip
+        {
+            "learning_rate": 3e-3,
+            "warmup_steps": 20,
+            "weight_decay": 0.01,
+            "grad_clip": 1.0,
+            "b1": 0.9,
+            "b2": 0.95,
+            "end_learning_rate_fraction": 0.1,
+        }
+    )
     if arg == "test":
         config.update(num_train_steps=20, batch_size=4, seq_len=64, log_every_steps=5, eval_batches=2)
-        config.model.update(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, head_dim=32,
-                            global_head_dim=32, layer_types=(SLIDING, FULL), sliding_window=32)  # fmt: skip
+        config.model.update(
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=2,
+            head_dim=32,
+            global_head_dim=32,
+            layer_types=(SLIDING, FULL),
+            sliding_window=32,
+        )
         config.optimizer.update(learning_rate=1e-2, warmup_steps=5)
     config.lock()
     return config

@@ -46,8 +46,10 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
         sizes[sizes.index(-1)] = len(devices) // known
     needed = int(np.prod(sizes))
     if needed > len(devices) or len(devices) % needed:
-        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes, strict=True))} needs {needed} devices but "
-                         f"{len(devices)} are available; fix config.mesh.")  # fmt: skip
+        raise ValueError(
+            f"mesh shape {dict(zip(MESH_AXES, sizes, strict=True))} needs {needed} devices but "
+            f"{len(devices)} are available; fix config.mesh."
+        )
     devices = devices[:needed]  # a smaller mesh than the machine (e.g. a 1-device debug run) uses the first devices
     # Auto axes: shardings are propagated by XLA (jax 0.10 defaults make_mesh to Explicit axes).
     return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -80,8 +82,9 @@ def _replicated(name: str, shape: Sequence[int], why: str) -> str:
     return f"{name} {list(shape)}: {why}, so every device along that mesh axis holds a full copy"
 
 
-def _place(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, name: str, dtype,
-           max_replicated_bytes: int) -> tuple[PartitionSpec, str | None]:  # fmt: skip
+def _place(
+    shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, name: str, dtype, max_replicated_bytes: int
+) -> tuple[PartitionSpec, str | None]:
     """The spec, and why a dimension was left replicated (None if none was); refuses a large array left so."""
     spec, undivided = _layout(shape, axes, mesh)
     if not undivided:
@@ -98,8 +101,15 @@ def _place(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, name: s
     return spec, why
 
 
-def logical_spec(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, *, name: str | None = None,
-                 dtype=np.float32, max_replicated_bytes: int = MAX_REPLICATED_BYTES) -> PartitionSpec:  # fmt: skip
+def logical_spec(
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    mesh: Mesh,
+    *,
+    name: str | None = None,
+    dtype=np.float32,
+    max_replicated_bytes: int = MAX_REPLICATED_BYTES,
+) -> PartitionSpec:
     """The PartitionSpec of an array with the given logical axes, using each mesh axis at most once.
 
     A dimension that its mesh axes do not divide stays replicated: refused for an array over
@@ -115,8 +125,7 @@ def logical_sharding(shape: Sequence[int], axes: Sequence[str | None], mesh: Mes
     return NamedSharding(mesh, logical_spec(shape, axes, mesh, **kwargs))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, *,
-                    max_replicated_bytes: int = MAX_REPLICATED_BYTES) -> nnx.State:  # fmt: skip
+def state_shardings(state: nnx.State, mesh: Mesh, *, max_replicated_bytes: int = MAX_REPLICATED_BYTES) -> nnx.State:
     """NamedShardings for every variable of an (abstract) NNX state, from its ``axes`` metadata.
 
     What a mesh axis cannot split is refused when large (see ``logical_spec``), else logged once per kind (e.g.

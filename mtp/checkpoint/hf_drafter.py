@@ -52,8 +52,9 @@ def drafter_layouts(config: DrafterConfig) -> dict[Path, Layout]:
     return out
 
 
-def _check_tensors(checkpoint: SafetensorsCheckpoint, layouts: dict[Path, Layout], config: DrafterConfig,
-                   source: str) -> None:  # fmt: skip
+def _check_tensors(
+    checkpoint: SafetensorsCheckpoint, layouts: dict[Path, Layout], config: DrafterConfig, source: str
+) -> None:
     """Every expected tensor present with its shape; nothing unexpected except what transformers also drops."""
     expected = {layout.key for layout in layouts.values()}
     if config.use_ordered_embeddings:
@@ -95,8 +96,14 @@ def _read_token_ordering(checkpoint: SafetensorsCheckpoint, vocab_size: int, sou
     return ordering.astype(np.int32)
 
 
-def load_drafter(model_dir: str | os.PathLike, *, target_config: Gemma4Config | None = None, mesh: Mesh | None = None,
-                 dtype: jnp.dtype | None = None, max_draft_len: int = 8) -> Drafter:  # fmt: skip
+def load_drafter(
+    model_dir: str | os.PathLike,
+    *,
+    target_config: Gemma4Config | None = None,
+    mesh: Mesh | None = None,
+    dtype: jnp.dtype | None = None,
+    max_draft_len: int = 8,
+) -> Drafter:
     """A drafter from an HF ``gemma4_assistant`` directory, checked against ``target_config`` when given.
 
     ``dtype`` None keeps the checkpoint's dtype (bf16 stays bf16); ``max_draft_len`` is not stored by HF.
@@ -121,8 +128,9 @@ def load_drafter(model_dir: str | os.PathLike, *, target_config: Gemma4Config | 
     return model
 
 
-def save_drafter(drafter: Drafter, model_dir: str | os.PathLike, *, num_assistant_tokens: int = 4,
-                 dtype: jnp.dtype | None = None) -> None:  # fmt: skip
+def save_drafter(
+    drafter: Drafter, model_dir: str | os.PathLike, *, num_assistant_tokens: int = 4, dtype: jnp.dtype | None = None
+) -> None:
     """Writes HF's exact layout: config.json, model.safetensors (tied head once), generation_config.json.
 
     ``num_assistant_tokens`` goes into generation_config.json: transformers leaves it None and then crashes.

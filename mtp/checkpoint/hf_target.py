@@ -52,24 +52,33 @@ def decoder_layer_layouts(config: Gemma4Config, i: int, prefix: str) -> dict[Pat
         out.update(norm_layouts(f"{at}.k_norm", (*p, "attn", "k_norm"), head_dim))
         if not config.keys_are_values(i):
             out[(*p, "attn", "v")] = linear(f"{at}.v_proj.weight", (kv_heads, head_dim), (width,))
-    norms = {"input_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
-             "pre_ffw_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}  # fmt: skip
+    norms = {
+        "input_norm": "input_layernorm",
+        "post_attn_norm": "post_attention_layernorm",
+        "pre_ffw_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    }
     if config.enable_moe:
-        norms |= {"post_ffw_norm_1": "post_feedforward_layernorm_1", "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
-                  "post_ffw_norm_2": "post_feedforward_layernorm_2"}  # fmt: skip
+        norms |= {
+            "post_ffw_norm_1": "post_feedforward_layernorm_1",
+            "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
+            "post_ffw_norm_2": "post_feedforward_layernorm_2",
+        }
         experts, moe_width = config.num_experts, config.moe_intermediate_size
         out |= {
             (*p, "moe", "router_proj"): linear(f"{prefix}.router.proj.weight", (experts,), (width,)),
             (*p, "moe", "router_scale"): same(f"{prefix}.router.scale", (width,)),
             (*p, "moe", "per_expert_scale"): same(f"{prefix}.router.per_expert_scale", (experts,)),
             (*p, "moe", "gate_up"): Layout(
-                f"{prefix}.experts.gate_up_proj", (experts, 2 * moe_width, width), (experts, 2 * moe_width, width),
+                f"{prefix}.experts.gate_up_proj",
+                (experts, 2 * moe_width, width),
+                (experts, 2 * moe_width, width),
                 (0, 2, 1),
             ),
             (*p, "moe", "down"): Layout(
                 f"{prefix}.experts.down_proj", (experts, width, moe_width), (experts, width, moe_width), (0, 2, 1)
             ),
-        }  # fmt: skip
+        }
     if config.per_layer_input_dim:
         dim = config.per_layer_input_dim
         out[(*p, "ple_gate")] = linear(f"{prefix}.per_layer_input_gate.weight", (dim,), (width,))
@@ -88,8 +97,9 @@ def target_layouts(config: Gemma4Config, prefix: str = "model") -> dict[Path, La
     if config.per_layer_input_dim:
         layers, dim = config.num_layers, config.per_layer_input_dim
         table = (config.per_layer_vocab_size, layers * dim)
-        out[("ple_embed",)] = Layout(f"{prefix}.embed_tokens_per_layer.weight", table, (table[0], layers, dim),
-                                     (0, 1, 2))  # fmt: skip
+        out[("ple_embed",)] = Layout(
+            f"{prefix}.embed_tokens_per_layer.weight", table, (table[0], layers, dim), (0, 1, 2)
+        )
         out[("ple_model_proj",)] = linear(f"{prefix}.per_layer_model_projection.weight", (layers, dim), (width,))
         out.update(norm_layouts(f"{prefix}.per_layer_projection_norm", ("ple_proj_norm",), dim))
     for i in range(config.num_layers):
@@ -115,8 +125,9 @@ def _tensor_prefix(checkpoint: SafetensorsCheckpoint, source: str) -> str:
     raise CheckpointError(f"{source}: no 'model.*' or 'model.language_model.*' tensors; is this a Gemma 4 checkpoint?")
 
 
-def check_tensors(checkpoint: SafetensorsCheckpoint, layouts: dict[Path, Layout], prefix: str, source: str,
-                  config: Gemma4Config) -> None:  # fmt: skip
+def check_tensors(
+    checkpoint: SafetensorsCheckpoint, layouts: dict[Path, Layout], prefix: str, source: str, config: Gemma4Config
+) -> None:
     """Every expected tensor present with its shape; nothing unexpected except what transformers also drops."""
     expected = {layout.key for layout in layouts.values()}
     missing = sorted(expected - set(checkpoint.keys()))
@@ -141,8 +152,9 @@ def check_tensors(checkpoint: SafetensorsCheckpoint, layouts: dict[Path, Layout]
             "describe this checkpoint (or it is not a Gemma 4 text model)."
         )
     if skipped:
-        log.info("%s: skipped %d tensors outside the text decoder (multimodal towers, unused shared K/V).",
-                 source, skipped)  # fmt: skip
+        log.info(
+            "%s: skipped %d tensors outside the text decoder (multimodal towers, unused shared K/V).", source, skipped
+        )
     for layout in layouts.values():
         if tuple(checkpoint.shape(layout.key)) != layout.hf_shape:
             raise CheckpointError(
@@ -169,8 +181,13 @@ def check_tied_head(checkpoint: SafetensorsCheckpoint, embed_key: str, rows_per_
             )
 
 
-def load_params(checkpoint: SafetensorsCheckpoint, layouts: dict[Path, Layout], model: nnx.Module,
-                shardings: dict[Path, jax.sharding.Sharding], dtype: jnp.dtype | None) -> None:  # fmt: skip
+def load_params(
+    checkpoint: SafetensorsCheckpoint,
+    layouts: dict[Path, Layout],
+    model: nnx.Module,
+    shardings: dict[Path, jax.sharding.Sharding],
+    dtype: jnp.dtype | None,
+) -> None:
     """Streams every tensor into ``model``'s parameters, device shard by device shard."""
     state = nnx.state(model, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
@@ -186,8 +203,7 @@ def load_params(checkpoint: SafetensorsCheckpoint, layouts: dict[Path, Layout], 
     nnx.update(model, state)
 
 
-def load_target(model_dir: str | os.PathLike, *, mesh: Mesh | None = None,
-                dtype: jnp.dtype | None = None) -> Gemma4:  # fmt: skip
+def load_target(model_dir: str | os.PathLike, *, mesh: Mesh | None = None, dtype: jnp.dtype | None = None) -> Gemma4:
     """A Gemma 4 target from an HF directory; ``dtype`` None keeps the checkpoint's dtype (bf16 stays bf16)."""
     model_dir = pathlib.Path(model_dir)
     config = config_from_hf(read_config(model_dir), source=str(model_dir / "config.json"))

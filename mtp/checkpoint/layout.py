@@ -46,9 +46,7 @@ class Layout:
         split_index = [slice(None)] * len(self.split)
         for our_axis, split_axis in enumerate(self.perm):
             split_index[split_axis] = index[our_axis]
-        split_index = [
-            slice(*s.indices(n)[:2]) for s, n in zip(split_index, self.split, strict=True)
-        ]  # fmt: skip
+        split_index = [slice(*s.indices(n)[:2]) for s, n in zip(split_index, self.split, strict=True)]
         hf_index, block_shape, inner_index = [], [], []
         for group in self.groups():
             outer = split_index[group[0]]

@@ -39,11 +39,20 @@ _PICKLE_HINT = (
 )
 # The library's dtype names that its numpy reader handles, as numpy dtypes (bf16 through ml_dtypes; it has no fp8).
 DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
-    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}  # fmt: skip
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
 
 
 class CheckpointError(UserError):
@@ -174,8 +183,10 @@ class SafetensorsCheckpoint:
             raise TypeError(f"read({key!r}): index must hold only slices and ints, got {index!r}")
         tensor = self._slice(key)
         # The library, unlike numpy, refuses slice bounds past the end: clip them as numpy would.
-        index = tuple(i if isinstance(i, int | np.integer) else slice(*i.indices(n)) for i, n in
-                      zip(index, tensor.get_shape(), strict=False))  # fmt: skip
+        index = tuple(
+            i if isinstance(i, int | np.integer) else slice(*i.indices(n))
+            for i, n in zip(index, tensor.get_shape(), strict=False)
+        )
         try:
             return tensor[index]
         except safetensors.SafetensorError as e:
@@ -207,9 +218,13 @@ def _replace_atomically(path: pathlib.Path, write) -> None:
         raise
 
 
-def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, *,
-                     metadata: dict[str, str] | None = None,
-                     max_shard_bytes: int | None = None) -> list[pathlib.Path]:  # fmt: skip
+def save_safetensors(
+    tensors: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    *,
+    metadata: dict[str, str] | None = None,
+    max_shard_bytes: int | None = None,
+) -> list[pathlib.Path]:
     """Saves ``tensors`` into directory ``path`` as transformers does; returns the files written (shards, index)."""
     root = pathlib.Path(path)
     if root.suffix == ".safetensors" or root.is_file():
@@ -223,9 +238,11 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
         a = np.asarray(tensors[key])
         arrays[key] = a.astype(a.dtype.newbyteorder("<"), order="C", copy=False)
     split = split_state_dict_into_shards_factory(
-        arrays, get_storage_size=lambda a: a.nbytes, filename_pattern=_SHARD_PATTERN,
+        arrays,
+        get_storage_size=lambda a: a.nbytes,
+        filename_pattern=_SHARD_PATTERN,
         max_shard_size=max_shard_bytes or 2**62,
-    )  # fmt: skip
+    )
     root.mkdir(parents=True, exist_ok=True)
     written = []
     for name, keys in split.filename_to_tensors.items():

@@ -83,9 +83,15 @@ def ensure_absl_flags_parsed() -> None:
 
 
 def _packed(
-    rows: Sequence, template: ChatTemplate, config: PipelineConfig, *, shuffle: bool, num_epochs: int | None,
-    process_index: int, process_count: int,
-) -> grain.IterDataset:  # fmt: skip
+    rows: Sequence,
+    template: ChatTemplate,
+    config: PipelineConfig,
+    *,
+    shuffle: bool,
+    num_epochs: int | None,
+    process_index: int,
+    process_count: int,
+) -> grain.IterDataset:
     """Rows -> packed rows for this process (before batching)."""
     if not len(rows):
         raise ValueError("No rows to build a pipeline from.")
@@ -130,14 +136,19 @@ class BatchIterator:
 
 
 def make_train_iterator(
-    rows: Sequence[Mapping], template: ChatTemplate, config: PipelineConfig, *,
-    process_index: int | None = None, process_count: int | None = None,
-) -> BatchIterator:  # fmt: skip
+    rows: Sequence[Mapping],
+    template: ChatTemplate,
+    config: PipelineConfig,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> BatchIterator:
     """This process's share of each global batch: {tokens, loss_mask, segment_ids, positions} int32 [B/P, seq_len]."""
     index, count = _process(process_index, process_count)
     batch_size = _local_batch_size(config.global_batch_size, count)
-    ds = _packed(rows, template, config, shuffle=True, num_epochs=config.num_epochs, process_index=index,
-                 process_count=count).batch(batch_size, drop_remainder=True)  # fmt: skip
+    ds = _packed(
+        rows, template, config, shuffle=True, num_epochs=config.num_epochs, process_index=index, process_count=count
+    ).batch(batch_size, drop_remainder=True)
     if config.num_workers > 0:
         ensure_absl_flags_parsed()
         ds = ds.mp_prefetch(
@@ -149,15 +160,21 @@ def make_train_iterator(
 
 
 def make_eval_batches(
-    rows: Sequence[Mapping], template: ChatTemplate, config: PipelineConfig, *, num_batches: int,
-    process_index: int | None = None, process_count: int | None = None,
-) -> list[Batch]:  # fmt: skip
+    rows: Sequence[Mapping],
+    template: ChatTemplate,
+    config: PipelineConfig,
+    *,
+    num_batches: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> list[Batch]:
     """A fixed held-out set: rows in order, one pass, exactly ``num_batches`` batches (padded with empty rows)."""
     index, count = _process(process_index, process_count)
     batch_size = _local_batch_size(config.global_batch_size, count)
     # Every process returns the same number of batches, so collective eval steps never wait on one that ran out.
-    iterator = iter(_packed(rows, template, config, shuffle=False, num_epochs=1, process_index=index,
-                            process_count=count))  # fmt: skip
+    iterator = iter(
+        _packed(rows, template, config, shuffle=False, num_epochs=1, process_index=index, process_count=count)
+    )
     packed, num_truncated = [], 0
     for row in iterator:
         num_truncated += int(row.pop("num_truncated"))

@@ -28,9 +28,18 @@ def prompts_of(rows: Sequence, max_prompts: int = 0) -> list[list[dict]]:
     return prompts
 
 
-def regenerate(target: Gemma4, template: ChatTemplate, rows: Sequence, path: pathlib.Path, *,
-               temperature: float = 0.0, max_new_tokens: int = 256, batch_size: int = 16, max_prompts: int = 0,
-               seed: int = 0) -> pathlib.Path:  # fmt: skip
+def regenerate(
+    target: Gemma4,
+    template: ChatTemplate,
+    rows: Sequence,
+    path: pathlib.Path,
+    *,
+    temperature: float = 0.0,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    max_prompts: int = 0,
+    seed: int = 0,
+) -> pathlib.Path:
     """Writes ``path`` (JSONL) once: every prompt with the target's own answer as the model turn."""
     if path.is_file():
         return path
@@ -44,9 +53,16 @@ def regenerate(target: Gemma4, template: ChatTemplate, rows: Sequence, path: pat
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
             ids = [template.prompt_ids(messages) for messages in batch]
-            outputs, _ = generate(target, None, ids, max_new_tokens=max_new_tokens, stop_tokens=stop,
-                                  sampling=Sampling(temperature=temperature), seed=seed,
-                                  first_row=start)  # fmt: skip
+            outputs, _ = generate(
+                target,
+                None,
+                ids,
+                max_new_tokens=max_new_tokens,
+                stop_tokens=stop,
+                sampling=Sampling(temperature=temperature),
+                seed=seed,
+                first_row=start,
+            )
             for messages, output in zip(batch, outputs, strict=True):
                 tokens = [t for t in output.token_ids if t not in stop]
                 answer = template.tokenizer.decode(tokens, skip_special_tokens=True)

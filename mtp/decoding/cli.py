@@ -89,12 +89,22 @@ def run_decode(config: ml_collections.ConfigDict) -> dict:
         )
     prompts, tokenizer = tokenize_prompts(rows, config.target.hf_path)
     kwargs = dict(
-        draft_len=config.draft_len, max_new_tokens=config.max_new_tokens, stop_tokens=tuple(config.stop_tokens),
-        sampling=Sampling(config.temperature, config.top_k, config.top_p), seed=config.seed,
-        max_cache_len=config.max_cache_len or None, pad_multiple=PAD_MULTIPLE,
-    )  # fmt: skip
-    check_inputs(target, drafter, prompts, draft_len=config.draft_len, max_new_tokens=config.max_new_tokens,
-                 max_cache_len=kwargs["max_cache_len"])  # fmt: skip
+        draft_len=config.draft_len,
+        max_new_tokens=config.max_new_tokens,
+        stop_tokens=tuple(config.stop_tokens),
+        sampling=Sampling(config.temperature, config.top_k, config.top_p),
+        seed=config.seed,
+        max_cache_len=config.max_cache_len or None,
+        pad_multiple=PAD_MULTIPLE,
+    )
+    check_inputs(
+        target,
+        drafter,
+        prompts,
+        draft_len=config.draft_len,
+        max_new_tokens=config.max_new_tokens,
+        max_cache_len=kwargs["max_cache_len"],
+    )
     batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
     # Compile every batch shape outside the timed pass: the last batch often has fewer rows or another length.
     shapes = {(len(b), padded_length(max(map(len, b)), PAD_MULTIPLE)): b for b in batches}
@@ -105,13 +115,17 @@ def run_decode(config: ml_collections.ConfigDict) -> dict:
     wall = time.perf_counter() - start
     document = {
         "outputs": [
-            {"token_ids": o.token_ids, "text": tokenizer.decode(o.token_ids) if tokenizer else "",
-             "drafted_per_round": o.drafted_per_round, "accepted_per_round": o.accepted_per_round,
-             "target_forwards": o.target_forwards}
+            {
+                "token_ids": o.token_ids,
+                "text": tokenizer.decode(o.token_ids) if tokenizer else "",
+                "drafted_per_round": o.drafted_per_round,
+                "accepted_per_round": o.accepted_per_round,
+                "target_forwards": o.target_forwards,
+            }
             for o in outputs
         ],
         "summary": summarize(outputs, config.draft_len, wall),
-    }  # fmt: skip
+    }
     if config.output:
         pathlib.Path(config.output).write_text(json.dumps(document, indent=1))
     s = document["summary"]

@@ -84,8 +84,9 @@ def stop_token_array(stop_tokens: tuple[int, ...]) -> jax.Array:
     return jnp.array(list(stop_tokens) + [-1] * (MAX_STOP_TOKENS - len(stop_tokens)), jnp.int32)
 
 
-def round_counts(accepted_B: jax.Array, tokens_BT: jax.Array, stop: jax.Array,
-                 remaining_B: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+def round_counts(
+    accepted_B: jax.Array, tokens_BT: jax.Array, stop: jax.Array, remaining_B: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """What a round keeps: the tokens it adds (accepted drafts and the target's own token, cut after the first stop
     token and at the token limit), how many of those are drafts, and whether it stopped on a stop token."""
     count_B = accepted_B + 1
@@ -119,9 +120,12 @@ def decode_loop(
     batch, prompt_len = prompts_BL.shape
     rows = jnp.arange(batch)
     cache = KVCache.init(
-        target.config, batch, prompt_len + max_new_tokens + draft_len + 1, max_chunk=draft_len + 1,
+        target.config,
+        batch,
+        prompt_len + max_new_tokens + draft_len + 1,
+        max_chunk=draft_len + 1,
         dtype=dtype,
-    )  # fmt: skip
+    )
     out, cache = target(prompts_BL, cache, num_valid_B=lengths_B, return_logits=False, prefill=True, dtype=dtype)
     cache = cache.commit(lengths_B)
     hidden_BD = out.hidden[rows, lengths_B - 1]
@@ -145,10 +149,18 @@ def decode_loop(
         position_B = s.cache.length
         if draft_len:
             proposal = draft(
-                drafter, target, s.last_token, s.hidden, position_B, drafter_kv_from_cache(target.config, s.cache),
-                num_tokens=draft_len, temperature=sampling.temperature, keys_B=draft_keys_B, dtype=dtype,
+                drafter,
+                target,
+                s.last_token,
+                s.hidden,
+                position_B,
+                drafter_kv_from_cache(target.config, s.cache),
+                num_tokens=draft_len,
+                temperature=sampling.temperature,
+                keys_B=draft_keys_B,
+                dtype=dtype,
                 sample_logits=lambda logits_BV: sampling_lib.processed_logits(logits_BV[:, None], sampling)[:, 0],
-            )  # fmt: skip
+            )
             drafts_BP = proposal.tokens_BP
         else:
             drafts_BP = jnp.zeros((batch, 0), jnp.int32)

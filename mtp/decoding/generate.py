@@ -40,8 +40,15 @@ def padded_length(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def check_inputs(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Sequence[int]], *, draft_len: int,
-                 max_new_tokens: int, max_cache_len: int | None) -> None:  # fmt: skip
+def check_inputs(
+    target: Gemma4,
+    drafter: nnx.Module | None,
+    prompts: Sequence[Sequence[int]],
+    *,
+    draft_len: int,
+    max_new_tokens: int,
+    max_cache_len: int | None,
+) -> None:
     """Every reason a request cannot run, as a clear error, before compiling anything."""
     vocab = target.config.vocab_size
     if max_new_tokens < 1:
@@ -70,10 +77,21 @@ def check_inputs(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[S
             )
 
 
-def generate(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Sequence[int]], *, draft_len: int = 0,
-             max_new_tokens: int = 64, sampling: Sampling = GREEDY, stop_tokens: Sequence[int] = GEMMA4_STOP_TOKENS,
-             seed: int = 0, first_row: int = 0, max_cache_len: int | None = None, pad_multiple: int = 16,
-             dtype: jnp.dtype | None = None) -> tuple[list[Generation], DecodeResult]:  # fmt: skip
+def generate(
+    target: Gemma4,
+    drafter: nnx.Module | None,
+    prompts: Sequence[Sequence[int]],
+    *,
+    draft_len: int = 0,
+    max_new_tokens: int = 64,
+    sampling: Sampling = GREEDY,
+    stop_tokens: Sequence[int] = GEMMA4_STOP_TOKENS,
+    seed: int = 0,
+    first_row: int = 0,
+    max_cache_len: int | None = None,
+    pad_multiple: int = 16,
+    dtype: jnp.dtype | None = None,
+) -> tuple[list[Generation], DecodeResult]:
     """Decodes one batch of ragged prompts (right-padded to a multiple of ``pad_multiple`` to reuse compilations).
 
     Sampling draws row i from its own stream ``fold_in(key(seed), first_row + i)``: a caller that splits a prompt
@@ -84,8 +102,9 @@ def generate(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Seque
     dtype; logits, softmax and the acceptance test always run in float32. On CPU load and decode in float32 (a
     bf16 dot with one row takes a slow XLA:CPU path); on GPU/TPU, bf16.
     """
-    check_inputs(target, drafter, prompts, draft_len=draft_len, max_new_tokens=max_new_tokens,
-                 max_cache_len=max_cache_len)  # fmt: skip
+    check_inputs(
+        target, drafter, prompts, draft_len=draft_len, max_new_tokens=max_new_tokens, max_cache_len=max_cache_len
+    )
     lengths = np.array([len(p) for p in prompts], np.int32)
     padded = np.zeros((len(prompts), padded_length(int(lengths.max()), pad_multiple)), np.int32)
     for row, prompt in enumerate(prompts):
@@ -94,10 +113,20 @@ def generate(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Seque
     drafter_graph, drafter_state = nnx.split(drafter) if draft_len else (None, None)
     row_ids = np.arange(first_row, first_row + len(prompts), dtype=np.int32)
     result = decode_loop(
-        target_graph, target_state, drafter_graph, drafter_state, padded, lengths, stop_token_array(tuple(stop_tokens)),
-        np.uint32(seed), row_ids, draft_len=draft_len, max_new_tokens=max_new_tokens, sampling=sampling,
+        target_graph,
+        target_state,
+        drafter_graph,
+        drafter_state,
+        padded,
+        lengths,
+        stop_token_array(tuple(stop_tokens)),
+        np.uint32(seed),
+        row_ids,
+        draft_len=draft_len,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
         dtype=jnp.dtype(dtype or target.embed[...].dtype),
-    )  # fmt: skip
+    )
     result = jax.device_get(result)
     outputs = []
     for row in range(len(prompts)):
@@ -114,8 +143,9 @@ def generate(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Seque
     return outputs, result
 
 
-def generate_in_batches(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Sequence[int]], *,
-                        batch_size: int, **kwargs) -> list[Generation]:  # fmt: skip
+def generate_in_batches(
+    target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Sequence[int]], *, batch_size: int, **kwargs
+) -> list[Generation]:
     """``generate`` over consecutive batches of ``batch_size`` prompts, each row keeping its list index's stream."""
     outputs: list[Generation] = []
     for start in range(0, len(prompts), batch_size):

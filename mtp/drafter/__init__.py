@@ -5,6 +5,14 @@ from mtp.drafter.draft import Draft, draft
 from mtp.drafter.model import Drafter, DrafterFeatures, DrafterOutput, TokenOrdering
 
 __all__ = [
-    "Draft", "Drafter", "DrafterConfig", "DrafterConfigError", "DrafterFeatures", "DrafterOutput", "TokenOrdering",
-    "config_from_hf", "config_to_hf", "draft",
-]  # fmt: skip
+    "Draft",
+    "Drafter",
+    "DrafterConfig",
+    "DrafterConfigError",
+    "DrafterFeatures",
+    "DrafterOutput",
+    "TokenOrdering",
+    "config_from_hf",
+    "config_to_hf",
+    "draft",
+]

@@ -89,9 +89,17 @@ class DrafterConfig:
                 )
 
     @classmethod
-    def for_target(cls, target: Gemma4Config, *, num_layers: int = 4, hidden_size: int | None = None,
-                   num_heads: int | None = None, intermediate_size: int | None = None,
-                   layer_types: tuple[str, ...] | None = None, **kwargs: Any) -> DrafterConfig:  # fmt: skip
+    def for_target(
+        cls,
+        target: Gemma4Config,
+        *,
+        num_layers: int = 4,
+        hidden_size: int | None = None,
+        num_heads: int | None = None,
+        intermediate_size: int | None = None,
+        layer_types: tuple[str, ...] | None = None,
+        **kwargs: Any,
+    ) -> DrafterConfig:
         """A drafter that reads ``target``'s K/V: width defaults to a quarter of the target's, MLP to 4x width."""
         hidden_size = hidden_size or max(target.hidden_size // 4, 1)
         config = cls(
@@ -156,12 +164,20 @@ class DrafterConfig:
         for layer_type in self.attention_types:
             producer = target.producer_layers[layer_type]
             checks += [
-                (f"{layer_type} head dim", self.head_dim_of(layer_type), f"layer {producer} head dim",
-                 target.head_dim_of(layer_type)),
-                (f"{layer_type} KV heads", self.kv_heads(layer_type), f"layer {producer} KV heads",
-                 target.kv_heads(layer_type)),
+                (
+                    f"{layer_type} head dim",
+                    self.head_dim_of(layer_type),
+                    f"layer {producer} head dim",
+                    target.head_dim_of(layer_type),
+                ),
+                (
+                    f"{layer_type} KV heads",
+                    self.kv_heads(layer_type),
+                    f"layer {producer} KV heads",
+                    target.kv_heads(layer_type),
+                ),
                 (f"{layer_type} RoPE", self.rope(layer_type), f"{layer_type} RoPE", target.rope(layer_type)),
-            ]  # fmt: skip
+            ]
         problems = [f"drafter {ours} = {a} but target {theirs} = {b}" for ours, a, theirs, b in checks if a != b]
         if problems:
             raise DrafterConfigError("The drafter does not fit the target: " + "; ".join(problems) + ".")
@@ -171,9 +187,14 @@ class DrafterConfig:
 
 
 _TOP_LEVEL_KEYS = {
-    "text_config", "backbone_hidden_size", "use_ordered_embeddings", "num_centroids", "centroid_intermediate_top_k",
-    "tie_word_embeddings", "model_type",
-}  # fmt: skip
+    "text_config",
+    "backbone_hidden_size",
+    "use_ordered_embeddings",
+    "num_centroids",
+    "centroid_intermediate_top_k",
+    "tie_word_embeddings",
+    "model_type",
+}
 
 # HF assistant invariants (``Gemma4AssistantConfig.validate_architecture``) with transformers' defaults.
 _TEXT_MUST_BE = {

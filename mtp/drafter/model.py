@@ -49,9 +49,13 @@ class TokenOrdering(nnx.Variable):
     """Canonical token id of each slot of the cluster-ordered vocabulary: loaded, never trained by gradient."""
 
 
-def target_kv_mask(positions_BT: Int[Array, "B T"], slot_positions_BS: Int[Array, "B S"], window: int | None,
-                   segments_BT: jax.Array | None = None,
-                   key_segments_BS: jax.Array | None = None) -> Bool[Array, "B T S"]:  # fmt: skip
+def target_kv_mask(
+    positions_BT: Int[Array, "B T"],
+    slot_positions_BS: Int[Array, "B S"],
+    window: int | None,
+    segments_BT: jax.Array | None = None,
+    key_segments_BS: jax.Array | None = None,
+) -> Bool[Array, "B T S"]:
     """Which target K/V slots a query at position p sees: committed slots 0 <= s < p, same segment, and on
     sliding layers p - s <= W + 1, i.e. the last W + 1 entries, as transformers' assistant does (its
     bidirectional window mask |q - k| <= W on the flipped K/V); the target itself sees W tokens, itself included.
@@ -98,8 +102,15 @@ class Drafter(nnx.Module):
 
         ``features`` and a head in one call; see ``features`` for the inputs.
         """
-        out = self.features(token_embed_BTD, hidden_BTD, positions_BT, target_kv, segments_BT=segments_BT,
-                            key_segments_BS=key_segments_BS, dtype=dtype)  # fmt: skip
+        out = self.features(
+            token_embed_BTD,
+            hidden_BTD,
+            positions_BT,
+            target_kv,
+            segments_BT=segments_BT,
+            key_segments_BS=key_segments_BS,
+            dtype=dtype,
+        )
         return DrafterOutput(logits_BTV=self.logits(out.normed), projected_BTD=out.projected)
 
     def features(
@@ -153,8 +164,9 @@ class Drafter(nnx.Module):
         for i, layer in enumerate(self.layers):
             if remat_layers:  # the backward pass keeps each layer's input only, and recomputes the rest
                 graph, params = nnx.split(layer)
-                rerun = functools.partial(lambda g, t, p, x: one_layer(nnx.merge(g, p), t, x), graph,
-                                          config.layer_types[i])  # fmt: skip
+                rerun = functools.partial(
+                    lambda g, t, p, x: one_layer(nnx.merge(g, p), t, x), graph, config.layer_types[i]
+                )
                 x_BTD = jax.checkpoint(rerun)(params, x_BTD)
             else:
                 x_BTD = one_layer(layer, config.layer_types[i], x_BTD)

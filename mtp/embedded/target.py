@@ -108,25 +108,32 @@ def evaluate(model: Gemma4, batches: list[dict[str, np.ndarray]]) -> float:
     return total / max(count, 1)
 
 
-def train(config: ml_collections.ConfigDict, data_root: pathlib.Path, *, progress: bool = True
-          ) -> tuple[Gemma4, dict]:  # fmt: skip
+def train(config: ml_collections.ConfigDict, data_root: pathlib.Path, *, progress: bool = True) -> tuple[Gemma4, dict]:
     """The trained model and what happened: losses, eval loss before and after, seconds."""
     paths = ensure_embedded_dataset(data_root)
     template = ChatTemplate(load_tokenizer(paths.tokenizer))
     if template.tokenizer.get_vocab_size() > config.model.vocab_size:
-        raise ValueError(f"{paths.tokenizer} has {template.tokenizer.get_vocab_size()} ids; the model has "
-                         f"vocab_size={config.model.vocab_size}.")  # fmt: skip
+        raise ValueError(
+            f"{paths.tokenizer} has {template.tokenizer.get_vocab_size()} ids; the model has "
+            f"vocab_size={config.model.vocab_size}."
+        )
     pipeline = PipelineConfig(seq_len=config.seq_len, global_batch_size=config.batch_size, seed=config.seed)
     one_process = {"process_index": 0, "process_count": 1}  # the same model however many processes ask for it
-    eval_batches = make_eval_batches(load_rows(str(paths.eval)), template, pipeline, num_batches=config.eval_batches,
-                                     **one_process)  # fmt: skip
+    eval_batches = make_eval_batches(
+        load_rows(str(paths.eval)), template, pipeline, num_batches=config.eval_batches, **one_process
+    )
     model = init_model(config)
     tx, _ = make_optimizer(config)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     history = {"initial_eval_loss": evaluate(model, eval_batches), "train_loss": {}}
-    log.info("tiny target: %d steps of %d x %d tokens; eval loss at init %.3f (ln V = %.3f)",
-             config.num_train_steps, config.batch_size, config.seq_len, history["initial_eval_loss"],
-             math.log(config.model.vocab_size))  # fmt: skip
+    log.info(
+        "tiny target: %d steps of %d x %d tokens; eval loss at init %.3f (ln V = %.3f)",
+        config.num_train_steps,
+        config.batch_size,
+        config.seq_len,
+        history["initial_eval_loss"],
+        math.log(config.model.vocab_size),
+    )
     iterator = make_train_iterator(load_rows(str(paths.train)), template, pipeline, **one_process)
     bar = tqdm.tqdm(total=config.num_train_steps, desc="target", disable=not progress, dynamic_ncols=True)
     start, window = time.perf_counter(), []
@@ -142,8 +149,13 @@ def train(config: ml_collections.ConfigDict, data_root: pathlib.Path, *, progres
                 history["train_loss"][step] = loss
                 tokens_per_second = step * config.batch_size * config.seq_len / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_second:.0f}")
-                log.debug("tiny target step %d/%d: loss %.3f (%.1f s)", step, config.num_train_steps, loss,
-                          time.perf_counter() - start)  # fmt: skip
+                log.debug(
+                    "tiny target step %d/%d: loss %.3f (%.1f s)",
+                    step,
+                    config.num_train_steps,
+                    loss,
+                    time.perf_counter() - start,
+                )
                 window = []
     finally:
         bar.close()
@@ -154,17 +166,25 @@ def train(config: ml_collections.ConfigDict, data_root: pathlib.Path, *, progres
     )
     history["eval_loss"] = evaluate(model, eval_batches)
     history["eval_perplexity"] = math.exp(history["eval_loss"])
-    log.info("tiny target: held-out loss %.3f nats/token (perplexity %.1f) after %.0f s of training (%.0f tokens/s)",
-             history["eval_loss"], history["eval_perplexity"], history["train_seconds"],
-             history["train_tokens_per_second"])  # fmt: skip
+    log.info(
+        "tiny target: held-out loss %.3f nats/token (perplexity %.1f) after %.0f s of training (%.0f tokens/s)",
+        history["eval_loss"],
+        history["eval_perplexity"],
+        history["train_seconds"],
+        history["train_tokens_per_second"],
+    )
     return model, history
 
 
 def _recipe(config: ml_collections.ConfigDict) -> dict:
     """What the cached directory must have been built from: the recipe version and every setting."""
     tokenizer = hashlib.sha256(EMBEDDED_TOKENIZER_ASSET.read_bytes()).hexdigest()
-    return {"version": VERSION, "corpus": CORPUS_VERSION, "tokenizer_sha256": tokenizer,
-            "config": json.loads(config.to_json())}  # fmt: skip
+    return {
+        "version": VERSION,
+        "corpus": CORPUS_VERSION,
+        "tokenizer_sha256": tokenizer,
+        "config": json.loads(config.to_json()),
+    }
 
 
 def _complete(directory: pathlib.Path, recipe: dict) -> bool:
@@ -173,9 +193,15 @@ def _complete(directory: pathlib.Path, recipe: dict) -> bool:
     return False
 
 
-def ensure_tiny_target(root: str | os.PathLike, config: ml_collections.ConfigDict | None = None, *,
-                       steps: int | None = None, seed: int | None = None, name: str | None = None,
-                       progress: bool = True) -> pathlib.Path:  # fmt: skip
+def ensure_tiny_target(
+    root: str | os.PathLike,
+    config: ml_collections.ConfigDict | None = None,
+    *,
+    steps: int | None = None,
+    seed: int | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> pathlib.Path:
     """``root/tiny_target[_name]``, trained on ``root/data`` the first time (``steps`` / ``seed`` override the config).
 
     ``name`` (a config variant such as ``"test"``) keeps a variant's target apart from the default one.

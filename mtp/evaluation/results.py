@@ -33,8 +33,9 @@ def predicted_acceptance_length(per_position: Sequence[float]) -> float:
     return 1.0 + float(sum(per_position))
 
 
-def records(prompt_set: str, prompts: Sequence[Prompt], runs: dict[int, Run], *, temperature: float = 0.0,
-            batch_size: int = 1) -> list[dict]:  # fmt: skip
+def records(
+    prompt_set: str, prompts: Sequence[Prompt], runs: dict[int, Run], *, temperature: float = 0.0, batch_size: int = 1
+) -> list[dict]:
     """One record per category (``"all"`` first) and draft length, from ``sweep``'s runs (key 0: plain decoding)."""
     plain = runs[0]
     categories = [ALL, *sorted({p.category for p in prompts})]
@@ -48,17 +49,27 @@ def records(prompt_set: str, prompts: Sequence[Prompt], runs: dict[int, Run], *,
             seconds = sum(run.seconds[i] for i in rows)
             summary = summarize([run.outputs[i] for i in rows], draft_len, seconds)
             ar_per_second = ar_tokens / ar_seconds if ar_seconds > 0 else 0.0
-            out.append({
-                "prompt_set": prompt_set, "category": category, "draft_len": draft_len, "temperature": temperature,
-                "batch_size": batch_size, "num_prompts": len(rows), "num_tokens": summary["tokens_generated"],
-                "acceptance_length": summary["acceptance_length"],
-                "predicted_acceptance_length": predicted_acceptance_length(summary["per_position_acceptance"]),
-                "per_position_acceptance": summary["per_position_acceptance"],
-                "tokens_per_second": summary["tokens_per_second"], "ar_tokens_per_second": ar_per_second,
-                "speedup": summary["tokens_per_second"] / ar_per_second if ar_per_second else 0.0,
-                "outputs_match_ar": all(run.outputs[i].token_ids == plain.outputs[i].token_ids for i in rows),
-                "wall_seconds": seconds, "ar_wall_seconds": ar_seconds, "target_forwards": summary["target_forwards"],
-            })  # fmt: skip
+            out.append(
+                {
+                    "prompt_set": prompt_set,
+                    "category": category,
+                    "draft_len": draft_len,
+                    "temperature": temperature,
+                    "batch_size": batch_size,
+                    "num_prompts": len(rows),
+                    "num_tokens": summary["tokens_generated"],
+                    "acceptance_length": summary["acceptance_length"],
+                    "predicted_acceptance_length": predicted_acceptance_length(summary["per_position_acceptance"]),
+                    "per_position_acceptance": summary["per_position_acceptance"],
+                    "tokens_per_second": summary["tokens_per_second"],
+                    "ar_tokens_per_second": ar_per_second,
+                    "speedup": summary["tokens_per_second"] / ar_per_second if ar_per_second else 0.0,
+                    "outputs_match_ar": all(run.outputs[i].token_ids == plain.outputs[i].token_ids for i in rows),
+                    "wall_seconds": seconds,
+                    "ar_wall_seconds": ar_seconds,
+                    "target_forwards": summary["target_forwards"],
+                }
+            )
     return out
 
 
@@ -72,12 +83,22 @@ def check_greedy_outputs(records_: Sequence[dict]) -> None:
         )
 
 
-def write(path: str | pathlib.Path, *, target: str | pathlib.Path, drafter: str | pathlib.Path,
-          records_: Sequence[dict], **extra) -> pathlib.Path:  # fmt: skip
+def write(
+    path: str | pathlib.Path,
+    *,
+    target: str | pathlib.Path,
+    drafter: str | pathlib.Path,
+    records_: Sequence[dict],
+    **extra,
+) -> pathlib.Path:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = {"target": str(pathlib.Path(target).resolve()), "drafter": str(pathlib.Path(drafter).resolve()),
-            "records": list(records_), **extra}  # fmt: skip
+    body = {
+        "target": str(pathlib.Path(target).resolve()),
+        "drafter": str(pathlib.Path(drafter).resolve()),
+        "records": list(records_),
+        **extra,
+    }
     path.write_text(json.dumps(body, indent=1) + "\n")
     return path
 

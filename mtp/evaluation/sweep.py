@@ -23,9 +23,16 @@ class Run:
     seconds: list[float] = dataclasses.field(default_factory=list)
 
 
-def sweep(target: Gemma4, drafter: nnx.Module | None, prompts: Sequence[Prompt], *, draft_lens: Sequence[int],
-          max_new_tokens: int, stop_tokens: Sequence[int] = GEMMA4_STOP_TOKENS, progress: bool = True,
-          ) -> dict[int, Run]:  # fmt: skip
+def sweep(
+    target: Gemma4,
+    drafter: nnx.Module | None,
+    prompts: Sequence[Prompt],
+    *,
+    draft_lens: Sequence[int],
+    max_new_tokens: int,
+    stop_tokens: Sequence[int] = GEMMA4_STOP_TOKENS,
+    progress: bool = True,
+) -> dict[int, Run]:
     """Greedy, batch 1: each prompt is decoded plainly and at every draft length in turn (the order rotating
     from prompt to prompt), each call timed alone after one compiling warm-up per mode.
 

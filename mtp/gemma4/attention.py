@@ -21,8 +21,14 @@ QUERY_CHUNK = 256
 KEY_CHUNK = 512
 
 
-def attend(q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock], implementation: str = "auto",
-           *, query_chunk: int | None = None, key_chunk: int | None = None) -> Float[Array, "B T N H"]:  # fmt: skip
+def attend(
+    q_BTNH: Float[Array, "B T N H"],
+    blocks: Sequence[KVBlock],
+    implementation: str = "auto",
+    *,
+    query_chunk: int | None = None,
+    key_chunk: int | None = None,
+) -> Float[Array, "B T N H"]:
     """Softmax attention (scale 1.0) over several key blocks at once, so a cache and a new chunk need no concat.
 
     ``dense`` builds the [T, S] scores; ``blockwise`` never does (query chunks under remat, key chunks with an online
@@ -72,8 +78,9 @@ def _concat_padded(blocks: Sequence[KVBlock], dtype: jnp.dtype, key_chunk: int) 
     return keys, values, jnp.pad(mask, [(0, 0), (0, 0), (0, pad)]), real
 
 
-def blockwise_attend(q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock], query_chunk: int,
-                     key_chunk: int) -> Float[Array, "B T N H"]:  # fmt: skip
+def blockwise_attend(
+    q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock], query_chunk: int, key_chunk: int
+) -> Float[Array, "B T N H"]:
     """Attention in [query_chunk, key_chunk] tiles: the backward pass recomputes one query chunk at a time."""
     batch, length, heads, head_dim = q_BTNH.shape
     kv_heads = blocks[0][0].shape[1]
@@ -89,8 +96,9 @@ def blockwise_attend(q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock],
 
     k_tiles, v_tiles, real_tiles = tiles(keys_BKSH, 2), tiles(values_BKSH, 2), real_S.reshape(num_keys, key_chunk)
     q_pad = (-length) % query_chunk
-    q_BTKGH = jnp.pad(q_BTNH, [(0, 0), (0, q_pad), (0, 0), (0, 0)]).reshape(batch, -1, kv_heads, heads // kv_heads,
-                                                                            head_dim)  # fmt: skip
+    q_BTKGH = jnp.pad(q_BTNH, [(0, 0), (0, q_pad), (0, 0), (0, 0)]).reshape(
+        batch, -1, kv_heads, heads // kv_heads, head_dim
+    )
     mask_BTS = jnp.pad(mask_BTS, [(0, 0), (0, q_pad), (0, 0)])
     num_queries = q_BTKGH.shape[1] // query_chunk
     q_chunks = jnp.moveaxis(q_BTKGH.reshape(batch, num_queries, query_chunk, *q_BTKGH.shape[2:]), 1, 0)
@@ -110,8 +118,11 @@ def blockwise_attend(q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock],
             rescale = jnp.exp(max_BKGT - new_max)
             p_BKGTS = jnp.exp(s_BKGTS - new_max[..., None])
             pv_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", p_BKGTS.astype(dtype), v_BKSH, preferred_element_type=compute)
-            return (new_max, rescale * sum_BKGT + jnp.sum(p_BKGTS, axis=-1),
-                    rescale[..., None] * acc_BKGTH + pv_BKGTH), None  # fmt: skip
+            return (
+                new_max,
+                rescale * sum_BKGT + jnp.sum(p_BKGTS, axis=-1),
+                rescale[..., None] * acc_BKGTH + pv_BKGTH,
+            ), None
 
         shape = (batch, kv_heads, heads // kv_heads, query_chunk)
         init = (jnp.full(shape, lowest, compute), jnp.zeros(shape, compute), jnp.zeros((*shape, head_dim), compute))
@@ -131,13 +142,15 @@ def fused_attend(q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock]) -> 
     values = jnp.concatenate([v.astype(dtype) for _, v, _ in blocks], axis=2).swapaxes(1, 2)
     mask_BTS = jnp.concatenate([m for _, _, m in blocks], axis=2)
     on_gpu = jax.default_backend() == "gpu"
-    out_BTNH = jax.nn.dot_product_attention(q_BTNH, keys, values, mask=mask_BTS[:, None], scale=1.0,
-                                            implementation="cudnn" if on_gpu else None)  # fmt: skip
+    out_BTNH = jax.nn.dot_product_attention(
+        q_BTNH, keys, values, mask=mask_BTS[:, None], scale=1.0, implementation="cudnn" if on_gpu else None
+    )
     return jnp.where(jnp.any(mask_BTS, axis=-1)[:, :, None, None], out_BTNH, 0)
 
 
-def chunk_mask(positions_BT: jax.Array, valid_BT: jax.Array, segments_BT: jax.Array | None,
-               window: int | None) -> Bool[Array, "B T T"]:  # fmt: skip
+def chunk_mask(
+    positions_BT: jax.Array, valid_BT: jax.Array, segments_BT: jax.Array | None, window: int | None
+) -> Bool[Array, "B T T"]:
     """Which new tokens each new token sees: causal, valid, same segment, and (sliding) within the window."""
     q_pos, k_pos = positions_BT[:, :, None], positions_BT[:, None, :]
     index = jnp.arange(positions_BT.shape[1])
@@ -149,8 +162,9 @@ def chunk_mask(positions_BT: jax.Array, valid_BT: jax.Array, segments_BT: jax.Ar
     return mask
 
 
-def cache_mask(positions_BT: jax.Array, slot_positions_BS: jax.Array, length_B: jax.Array,
-               window: int | None) -> Bool[Array, "B T S"]:  # fmt: skip
+def cache_mask(
+    positions_BT: jax.Array, slot_positions_BS: jax.Array, length_B: jax.Array, window: int | None
+) -> Bool[Array, "B T S"]:
     """Which cached slots each new token sees: committed entries (position < length) within the window."""
     k_pos = slot_positions_BS[:, None, :]
     mask = (k_pos >= 0) & (k_pos < length_B[:, None, None])
@@ -162,8 +176,18 @@ def cache_mask(positions_BT: jax.Array, slot_positions_BS: jax.Array, length_B: 
 class Attention(nnx.Module):
     """Query projection always; key/value projections only on layers that own their K/V."""
 
-    def __init__(self, width: int, heads: int, kv_heads: int, head_dim: int, eps: float, *, owns_kv: bool,
-                 keys_are_values: bool, rngs: nnx.Rngs):  # fmt: skip
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        eps: float,
+        *,
+        owns_kv: bool,
+        keys_are_values: bool,
+        rngs: nnx.Rngs,
+    ):
         self.eps = eps
         self.q = param(rngs, (width, heads, head_dim), ("embed", "heads", "head_dim"))
         self.q_norm = RMSNorm(head_dim, eps)

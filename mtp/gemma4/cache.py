@@ -28,8 +28,9 @@ class KVCache:
     length: jax.Array
 
     @classmethod
-    def init(cls, config: Gemma4Config, batch: int, max_len: int, *, max_chunk: int = 1,
-             dtype: jnp.dtype = jnp.float32) -> KVCache:  # fmt: skip
+    def init(
+        cls, config: Gemma4Config, batch: int, max_len: int, *, max_chunk: int = 1, dtype: jnp.dtype = jnp.float32
+    ) -> KVCache:
         """An empty cache for ``max_len`` tokens per row, written ``max_chunk`` tokens at a time after prefill."""
         sizes = cache_sizes(config, max_len, max_chunk)
         keys, values = [], []

@@ -13,8 +13,15 @@ from jaxtyping import Array, Float, Int
 from mtp.gemma4.config import RopeConfig
 
 
-def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], *, scale: float | None = None,
-          value: float | None = None, dtype: jnp.dtype = jnp.float32) -> nnx.Param:  # fmt: skip
+def param(
+    rngs: nnx.Rngs | None,
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    *,
+    scale: float | None = None,
+    value: float | None = None,
+    dtype: jnp.dtype = jnp.float32,
+) -> nnx.Param:
     """A parameter tagged with logical axis names (see ``mtp.sharding``); normal(scale) or constant init."""
     assert len(shape) == len(axes), (shape, axes)
     if value is not None:
@@ -59,8 +66,9 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> np.ndarray:
     return (inv_freq / np.float32(rope.factor)).astype(np.float32)
 
 
-def rope_tables(positions_BT: Int[Array, "B T"], inv_freq: np.ndarray,
-                dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+def rope_tables(
+    positions_BT: Int[Array, "B T"], inv_freq: np.ndarray, dtype: jnp.dtype = jnp.float32
+) -> tuple[jax.Array, jax.Array]:
     """cos and sin ``[B, T, H]`` in at least float32, in rotate-half layout (frequencies repeated per half)."""
     compute = jnp.promote_types(dtype, jnp.float32)
     freqs_BTh = positions_BT.astype(compute)[..., None] * jnp.asarray(inv_freq, compute)

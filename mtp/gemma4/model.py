@@ -42,10 +42,11 @@ def drafter_kv_from_cache(config: Gemma4Config, cache: KVCache) -> dict[str, Lay
     """The cached K/V of the target's producer layers, which the drafter reads."""
     cached = cache_lib.cached_layers(config)
     return {
-        layer_type: LayerKV(cache.keys[cached.index(layer)], cache.values[cached.index(layer)],
-                            cache.slot_positions[layer_type])
+        layer_type: LayerKV(
+            cache.keys[cached.index(layer)], cache.values[cached.index(layer)], cache.slot_positions[layer_type]
+        )
         for layer_type, layer in config.producer_layers.items()
-    }  # fmt: skip
+    }
 
 
 def layer_groups(config: Gemma4Config) -> list[tuple[int, int, int]]:
@@ -68,9 +69,15 @@ class DecoderLayer(nnx.Module):
     def __init__(self, config: Gemma4Config, layer: int, *, rngs: nnx.Rngs):
         width, eps, layer_type = config.hidden_size, config.rms_norm_eps, config.layer_types[layer]
         self.attn = Attention(
-            width, config.num_heads, config.kv_heads(layer_type), config.head_dim_of(layer_type), eps,
-            owns_kv=not config.shares_kv(layer), keys_are_values=config.keys_are_values(layer), rngs=rngs,
-        )  # fmt: skip
+            width,
+            config.num_heads,
+            config.kv_heads(layer_type),
+            config.head_dim_of(layer_type),
+            eps,
+            owns_kv=not config.shares_kv(layer),
+            keys_are_values=config.keys_are_values(layer),
+            rngs=rngs,
+        )
         self.input_norm = RMSNorm(width, eps, axis_name="embed")
         self.post_attn_norm = RMSNorm(width, eps, axis_name="embed")
         self.pre_ffw_norm = RMSNorm(width, eps, axis_name="embed")
@@ -91,8 +98,15 @@ class DecoderLayer(nnx.Module):
             self.ple_norm = RMSNorm(width, eps, axis_name="embed")
         self.layer_scalar = param(None, (1,), (None,), value=1.0)
 
-    def attend_and_feed(self, x_BTD: jax.Array, h_BTD: jax.Array, rope: tuple[jax.Array, jax.Array],
-                        kv_blocks: list, ple_BTG: jax.Array | None, implementation: str) -> jax.Array:  # fmt: skip
+    def attend_and_feed(
+        self,
+        x_BTD: jax.Array,
+        h_BTD: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        kv_blocks: list,
+        ple_BTG: jax.Array | None,
+        implementation: str,
+    ) -> jax.Array:
         """The rest of the layer once its normed input ``h`` and the K/V it reads are known."""
         attn_BTNH = attend(self.attn.queries(h_BTD, *rope), kv_blocks, implementation)
         x_BTD = x_BTD + self.post_attn_norm(self.attn.output(attn_BTNH))
@@ -138,8 +152,12 @@ class Gemma4(nnx.Module):
         ``embed_VD``: the table, already fetched (training shares one gathered copy over its draft depths).
         """
         embed_VD = self.embed[...] if embed_VD is None else embed_VD
-        logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, embed_VD.astype(hidden_BTD.dtype),
-                                preferred_element_type=jnp.promote_types(hidden_BTD.dtype, jnp.float32))  # fmt: skip
+        logits_BTV = jnp.einsum(
+            "BTD,VD->BTV",
+            hidden_BTD,
+            embed_VD.astype(hidden_BTD.dtype),
+            preferred_element_type=jnp.promote_types(hidden_BTD.dtype, jnp.float32),
+        )
         if (cap := self.config.final_logit_softcapping) is not None:
             logits_BTV = jnp.tanh(logits_BTV / cap) * cap
         return logits_BTV
@@ -152,8 +170,13 @@ class Gemma4(nnx.Module):
         proj_BTLG = self.ple_proj_norm(proj_BTLG * self.config.hidden_size**-0.5)
         return (proj_BTLG + tok_BTLG.astype(x_BTD.dtype)) * 2**-0.5
 
-    def scanned_layers(self, x_BTD: jax.Array, ple_BTLG: jax.Array | None, rope: dict, masks: dict,
-                       ) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:  # fmt: skip
+    def scanned_layers(
+        self,
+        x_BTD: jax.Array,
+        ple_BTLG: jax.Array | None,
+        rope: dict,
+        masks: dict,
+    ) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
         """The cache-less forward as one ``lax.scan`` per run of repeating layers (``layer_groups``).
 
         Each step picks its layers' parameters with ``lax.switch``, so the parameters keep their per-layer layout
@@ -165,7 +188,7 @@ class Gemma4(nnx.Module):
         kv = {
             t: (jnp.zeros((batch, config.kv_heads(t), length, config.head_dim_of(t)), x_BTD.dtype),) * 2
             for t in ATTENTION_TYPES
-        }  # fmt: skip
+        }
         for start, period, count in layer_groups(config):
             graphs = [nnx.split(self.layers[start + r])[0] for r in range(period)]
             states = [[nnx.split(self.layers[start + g * period + r])[1] for g in range(count)] for r in range(period)]
@@ -187,8 +210,9 @@ class Gemma4(nnx.Module):
                         kv = kv | {layer_type: (k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3))}
                     ple_BTG = None if ple_BTPd is None else ple_BTPd[:, :, r]
                     kv_blocks = [(*kv[layer_type], masks[layer_type])]
-                    x_BTD = layer.attend_and_feed(x_BTD, h_BTD, rope[layer_type], kv_blocks, ple_BTG,
-                                                  config.attention_impl)  # fmt: skip
+                    x_BTD = layer.attend_and_feed(
+                        x_BTD, h_BTD, rope[layer_type], kv_blocks, ple_BTG, config.attention_impl
+                    )
                 return (x_BTD, kv), None
 
             (x_BTD, kv), _ = jax.lax.scan(one_period, (x_BTD, kv), (jnp.arange(count), ple_GBTPd))

@@ -38,8 +38,9 @@ def cluster_means(embed_VD: np.ndarray, ordering: np.ndarray, num_clusters: int)
     return embed_VD[ordering].reshape(num_clusters, -1, embed_VD.shape[1]).mean(axis=1).T
 
 
-def centroid_loss(scores_BTC: jax.Array, teacher_logits_BTV: jax.Array, ordering_V: jax.Array, top_k: int,
-                  mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+def centroid_loss(
+    scores_BTC: jax.Array, teacher_logits_BTV: jax.Array, ordering_V: jax.Array, top_k: int, mask_BT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Σ cross-entropy towards the cluster of the target's argmax, and Σ coverage (that cluster in the top-k)."""
     num_clusters = scores_BTC.shape[-1]
     cluster_of_token = (

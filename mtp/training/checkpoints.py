@@ -16,8 +16,17 @@ from mtp.training.state import TrainState
 log = logging.getLogger(__name__)
 
 # Config keys that may change between runs in one workdir (they do not change what is being trained).
-RESUMABLE_KEYS = ("num_train_steps", "log_every_steps", "eval_every_steps", "eval_batches", "checkpoint_every_steps",
-                  "keep_checkpoints", "mesh", "wandb", "data.num_workers")  # fmt: skip
+RESUMABLE_KEYS = (
+    "num_train_steps",
+    "log_every_steps",
+    "eval_every_steps",
+    "eval_batches",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "mesh",
+    "wandb",
+    "data.num_workers",
+)
 # Of those, the ones the saved data-iterator state depends on (grain's multiprocess prefetch keeps one reader state
 # per worker): they may change only while the workdir holds no checkpoint.
 ITERATOR_KEYS = ("data.num_workers",)

@@ -63,25 +63,52 @@ def base_config() -> ml_collections.ConfigDict:
         }
     )
     c.optimizer = ml_collections.ConfigDict(
-        {"learning_rate": 1e-3, "warmup_steps": 100, "weight_decay": 0.01, "grad_clip": 1.0, "b1": 0.9,
-         "b2": 0.95, "end_learning_rate_fraction": 0.1}
-    )  # fmt: skip
+        {
+            "learning_rate": 1e-3,
+            "warmup_steps": 100,
+            "weight_decay": 0.01,
+            "grad_clip": 1.0,
+            "b1": 0.9,
+            "b2": 0.95,
+            "end_learning_rate_fraction": 0.1,
+        }
+    )
     c.wandb = ml_collections.ConfigDict({"mode": "offline", "project": "", "group": "", "name": "", "tags": ()})
     return c
 
 
-def full_size_config(*, preset: str, hidden_size: int, num_heads: int, intermediate_size: int,
-                     use_ordered_embeddings: bool, remat: str = "depth") -> ml_collections.ConfigDict:  # fmt: skip
+def full_size_config(
+    *,
+    preset: str,
+    hidden_size: int,
+    num_heads: int,
+    intermediate_size: int,
+    use_ordered_embeddings: bool,
+    remat: str = "depth",
+) -> ml_collections.ConfigDict:
     """What the released-target configs share: 4 drafter layers, 2048-token sequences, bf16, self-distillation,
     fully sharded over every device (the base mesh: data=1, fsdp=-1): weights and batch split as many ways."""
     config = base_config()
     config.target.preset = preset
-    config.update(num_train_steps=20_000, batch_size=64, seq_len=2048, log_every_steps=50, eval_every_steps=1000,
-                  checkpoint_every_steps=1000, compute_dtype="bfloat16")  # fmt: skip
+    config.update(
+        num_train_steps=20_000,
+        batch_size=64,
+        seq_len=2048,
+        log_every_steps=50,
+        eval_every_steps=1000,
+        checkpoint_every_steps=1000,
+        compute_dtype="bfloat16",
+    )
     config.target.dtype = "bfloat16"
-    config.drafter.update(num_layers=4, hidden_size=hidden_size, num_heads=num_heads,
-                          intermediate_size=intermediate_size, use_ordered_embeddings=use_ordered_embeddings,
-                          num_centroids=2048, centroid_intermediate_top_k=32)  # fmt: skip
+    config.drafter.update(
+        num_layers=4,
+        hidden_size=hidden_size,
+        num_heads=num_heads,
+        intermediate_size=intermediate_size,
+        use_ordered_embeddings=use_ordered_embeddings,
+        num_centroids=2048,
+        centroid_intermediate_top_k=32,
+    )
     config.data.self_distill.update(enabled=True, temperature=0.0, max_new_tokens=1024, batch_size=64)
     # Vocabulary chunks of 64 positions: [B, 64, V] float32 logits are 0.5 GiB per device at B=8, V=262k.
     # The drafter's unroll and loss in chunks of 256 anchors: one chunk's activations at a time.

@@ -40,13 +40,22 @@ def compile_train_step(config: ml_collections.ConfigDict, target_config: Gemma4C
     abstract = jax.eval_shape(lambda p, e: TrainState(jnp.zeros((), jnp.int32), p, e, tx.init(p)), params, extra)
     state_sh = state_shardings(abstract, tx, mesh)
     batch_sh = batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32, sharding=batch_sh)
-             for k in ("tokens", "loss_mask", "segment_ids", "positions")}  # fmt: skip
+    batch = {
+        k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32, sharding=batch_sh)
+        for k in ("tokens", "loss_mask", "segment_ids", "positions")
+    }
     step = jit_train_step(
-        state_sh, target_sh, batch_sh, replicated(mesh), tx=tx,
-        schedule=schedule, target_graph=target_graph, drafter_graph=drafter_graph, loss_config=loss_config(config),
+        state_sh,
+        target_sh,
+        batch_sh,
+        replicated(mesh),
+        tx=tx,
+        schedule=schedule,
+        target_graph=target_graph,
+        drafter_graph=drafter_graph,
+        loss_config=loss_config(config),
         dtype=jnp.dtype(config.compute_dtype),
-    )  # fmt: skip
+    )
     return step.lower(abstract_like(abstract, state_sh), target_in, batch).compile()
 
 

@@ -55,15 +55,32 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, 
     prompt_set = EMBEDDED_HELD_OUT if config.data.embedded else "held_out"
     prompts = conversation_prompts(held_out, template, options["num_prompts"])
     draft_lens = [k for k in options["draft_lens"] if k <= drafter.config.max_draft_len]
-    runs = sweep(target, drafter, prompts, draft_lens=draft_lens, max_new_tokens=options["max_new_tokens"],
-                 stop_tokens=template.stop_tokens, progress=progress)  # fmt: skip
+    runs = sweep(
+        target,
+        drafter,
+        prompts,
+        draft_lens=draft_lens,
+        max_new_tokens=options["max_new_tokens"],
+        stop_tokens=template.stop_tokens,
+        progress=progress,
+    )
     records = results.records(prompt_set, prompts, runs)
     simulated = float(simulated_acceptance_length(jnp.asarray(agreement)))
     offline_summary = {"top1_agreement": agreement.tolist(), "simulated_acceptance_length": simulated}
-    path = results.write(workdir / "eval" / "results.json", target=target_dir, drafter=drafter_dir, records_=records,
-                         offline=offline_summary)  # fmt: skip
-    log.info("held-out top-1 agreement per depth %s (simulated τ %.2f); greedy, batch 1, %d prompts:\n%s\n"
-             "written to %s", np.round(agreement, 3), simulated, len(prompts),
-             results.table([r for r in records if r["category"] == results.ALL]), path)  # fmt: skip
+    path = results.write(
+        workdir / "eval" / "results.json",
+        target=target_dir,
+        drafter=drafter_dir,
+        records_=records,
+        offline=offline_summary,
+    )
+    log.info(
+        "held-out top-1 agreement per depth %s (simulated τ %.2f); greedy, batch 1, %d prompts:\n%s\nwritten to %s",
+        np.round(agreement, 3),
+        simulated,
+        len(prompts),
+        results.table([r for r in records if r["category"] == results.ALL]),
+        path,
+    )
     results.check_greedy_outputs(records)
     return {"records": records, "offline": offline_summary, "path": str(path)}

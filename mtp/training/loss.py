@@ -57,9 +57,12 @@ def shift(x_BT: jax.Array, offset: int, fill=0) -> jax.Array:
 def frozen_target(target: Gemma4, batch: dict, dtype: jnp.dtype) -> TargetOutput:
     """The target's hidden states and drafter-facing K/V for the whole packed sequence; never differentiated."""
     out, _ = target(
-        batch["tokens"], positions_BT=batch["positions"], segments_BT=batch["segment_ids"], return_logits=False,
+        batch["tokens"],
+        positions_BT=batch["positions"],
+        segments_BT=batch["segment_ids"],
+        return_logits=False,
         dtype=dtype,
-    )  # fmt: skip
+    )
     return jax.lax.stop_gradient(out)
 
 
@@ -95,8 +98,15 @@ def centroid_head_loss(drafter: nnx.Module, h_BTD: jax.Array, teacher_BTV: jax.A
     return centroid_loss(drafter.centroid_scores(h_BTD), teacher_BTV, drafter.token_ordering[...], top_k, mask_BT)
 
 
-def chunked_depth_loss(target: Gemma4, drafter: nnx.Module, teacher_h_PBTD, student_h_PBTE, mask_PBT,
-                       config: LossConfig, tables: tuple[jax.Array, jax.Array] | None = None):  # fmt: skip
+def chunked_depth_loss(
+    target: Gemma4,
+    drafter: nnx.Module,
+    teacher_h_PBTD,
+    student_h_PBTE,
+    mask_PBT,
+    config: LossConfig,
+    tables: tuple[jax.Array, jax.Array] | None = None,
+):
     """Per depth P: Σ loss, Σ agreement, Σ centroid loss, Σ coverage over valid positions, the vocabulary projection
     chunk by chunk in one scan over (depth, chunk), so the backward pass holds one gradient of each table.
 
@@ -146,8 +156,9 @@ class Depth:
     valid_BT: jax.Array
 
 
-def depth_inputs(target: Gemma4, target_out: TargetOutput, batch: dict, depth: int,
-                 dtype: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:  # fmt: skip
+def depth_inputs(
+    target: Gemma4, target_out: TargetOutput, batch: dict, depth: int, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Per depth j at every anchor p: the embedding of x_{p+j}, the teacher's h_{p+j}, whether x_{p+j+1} is trained;
     and the first state h_{p-1}. Everything after this is independent per anchor, so it may run in sequence chunks."""
     positions, segments = batch["positions"], batch["segment_ids"]
@@ -164,39 +175,70 @@ def depth_inputs(target: Gemma4, target_out: TargetOutput, batch: dict, depth: i
     return jnp.stack(embeds), jnp.stack(teachers), jnp.stack(valids), shift(target_out.hidden, -1)
 
 
-def run_depths(drafter: nnx.Module, embed_PBTD, state_BTD, positions_BT, segments_BT, target_out: TargetOutput,
-               key_segments_BS, dtype: jnp.dtype, remat: str) -> list[DrafterFeatures]:  # fmt: skip
+def run_depths(
+    drafter: nnx.Module,
+    embed_PBTD,
+    state_BTD,
+    positions_BT,
+    segments_BT,
+    target_out: TargetOutput,
+    key_segments_BS,
+    dtype: jnp.dtype,
+    remat: str,
+) -> list[DrafterFeatures]:
     """The drafter's draft steps, each fed the previous one's projected state (remat: see ``REMAT``)."""
 
     graph, params = nnx.split(drafter)
 
     def features(params, embed_BTD, state_BTD, positions, kv, segments, key_segments):
-        return nnx.merge(graph, params).features(embed_BTD, state_BTD, positions, kv, segments_BT=segments,
-                                                 key_segments_BS=key_segments, dtype=dtype,
-                                                 remat_layers=remat == "layer")  # fmt: skip
+        return nnx.merge(graph, params).features(
+            embed_BTD,
+            state_BTD,
+            positions,
+            kv,
+            segments_BT=segments,
+            key_segments_BS=key_segments,
+            dtype=dtype,
+            remat_layers=remat == "layer",
+        )
 
     if remat == "depth":  # the backward pass keeps each depth's inputs only, and recomputes the depth
         features = jax.checkpoint(features)
     out = []
     for embed_BTD in embed_PBTD:
-        out.append(features(params, embed_BTD, state_BTD, positions_BT, target_out.drafter_kv, segments_BT,
-                            key_segments_BS))  # fmt: skip
+        out.append(
+            features(params, embed_BTD, state_BTD, positions_BT, target_out.drafter_kv, segments_BT, key_segments_BS)
+        )
         state_BTD = out[-1].projected
     return out
 
 
-def unroll(drafter: nnx.Module, target: Gemma4, target_out: TargetOutput, batch: dict, depth: int,
-           dtype: jnp.dtype = jnp.float32, remat: str = "none") -> list[Depth]:  # fmt: skip
+def unroll(
+    drafter: nnx.Module,
+    target: Gemma4,
+    target_out: TargetOutput,
+    batch: dict,
+    depth: int,
+    dtype: jnp.dtype = jnp.float32,
+    remat: str = "none",
+) -> list[Depth]:
     """The drafter's first ``depth`` draft steps at every anchor of a teacher-forced packed batch."""
     embed_PBTD, teacher_PBTD, valid_PBT, state_BTD = depth_inputs(target, target_out, batch, depth, dtype)
     segments = batch["segment_ids"]
-    features = run_depths(drafter, embed_PBTD, state_BTD, batch["positions"], segments, target_out, segments, dtype,
-                          remat)  # fmt: skip
+    features = run_depths(
+        drafter, embed_PBTD, state_BTD, batch["positions"], segments, target_out, segments, dtype, remat
+    )
     return [Depth(f, t, v) for f, t, v in zip(features, teacher_PBTD, valid_PBT, strict=True)]
 
 
-def distill_loss(drafter: nnx.Module, target: Gemma4, target_out: TargetOutput, batch: dict, config: LossConfig,
-                 dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, dict]:  # fmt: skip
+def distill_loss(
+    drafter: nnx.Module,
+    target: Gemma4,
+    target_out: TargetOutput,
+    batch: dict,
+    config: LossConfig,
+    dtype: jnp.dtype = jnp.float32,
+) -> tuple[jax.Array, dict]:
     """Weighted loss over depths and metrics: per-depth top-1 agreement, loss, and centroid coverage.
 
     With ``seq_chunk``, anchors run in chunks of that many positions under remat: the drafter's activations and
@@ -211,8 +253,9 @@ def distill_loss(drafter: nnx.Module, target: Gemma4, target_out: TargetOutput, 
 
     def one_chunk(sums, xs):
         embed_PBtD, teacher_PBtD, valid_PBt, state_BtD, positions_Bt, segments_Bt = xs
-        features = run_depths(drafter, embed_PBtD, state_BtD, positions_Bt, segments_Bt, target_out, segments, dtype,
-                              config.remat)  # fmt: skip
+        features = run_depths(
+            drafter, embed_PBtD, state_BtD, positions_Bt, segments_Bt, target_out, segments, dtype, config.remat
+        )
         normed_PBtE = jnp.stack([f.normed for f in features])
         new = chunked_depth_loss(target, drafter, teacher_PBtD, normed_PBtE, valid_PBt, config, tables)
         return jax.tree.map(jnp.add, sums, new), None
@@ -221,8 +264,14 @@ def distill_loss(drafter: nnx.Module, target: Gemma4, target_out: TargetOutput, 
         x = x.reshape(*x.shape[:axis], length // chunk, chunk, *x.shape[axis + 1 :])
         return jnp.moveaxis(x, axis, 0)
 
-    xs = (split(embed_PBTD, 2), split(teacher_PBTD, 2), split(valid_PBT, 2), split(state_BTD, 1),
-          split(positions, 1), split(segments, 1))  # fmt: skip
+    xs = (
+        split(embed_PBTD, 2),
+        split(teacher_PBTD, 2),
+        split(valid_PBT, 2),
+        split(state_BTD, 1),
+        split(positions, 1),
+        split(segments, 1),
+    )
     zero = jnp.zeros((config.depth,), jnp.float32)
     if chunk == length:
         (loss_P, agree_P, aux_P, cover_P), _ = one_chunk((zero, zero, zero, zero), jax.tree.map(lambda x: x[0], xs))
@@ -231,8 +280,11 @@ def distill_loss(drafter: nnx.Module, target: Gemma4, target_out: TargetOutput, 
     count_P = jnp.maximum(jnp.sum(valid_PBT, axis=(1, 2)), 1)
     weight_P = config.depth_decay ** jnp.arange(config.depth, dtype=jnp.float32)
     total = jnp.sum(weight_P * (loss_P + config.centroid_weight * aux_P) / count_P)
-    metrics = {"loss_per_depth": loss_P / count_P, "top1_agreement": agree_P / count_P,
-               "centroid_coverage": cover_P / count_P}  # fmt: skip
+    metrics = {
+        "loss_per_depth": loss_P / count_P,
+        "top1_agreement": agree_P / count_P,
+        "centroid_coverage": cover_P / count_P,
+    }
     return total / jnp.sum(weight_P), metrics
 
 

@@ -28,8 +28,15 @@ def mean_metrics(history: list[dict]) -> dict:
 class MetricsWriter:
     """One JSON object per logged step; the same numbers go to W&B and the progress bar."""
 
-    def __init__(self, workdir: pathlib.Path, config: ml_collections.ConfigDict, *, start_step: int, total: int,
-                 is_main: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        workdir: pathlib.Path,
+        config: ml_collections.ConfigDict,
+        *,
+        start_step: int,
+        total: int,
+        is_main: bool = True,
+    ):
         self.path = workdir / "metrics.jsonl"
         self.is_main = is_main
         self.run = None
@@ -84,6 +91,13 @@ def _init_wandb(workdir: pathlib.Path, config: ml_collections.ConfigDict):
     id_file.write_text(run_id)
     w = config.wandb
     return wandb.init(
-        project=w.project or "mtp", group=w.group or None, name=w.name or workdir.name, tags=list(w.tags),
-        config=config.to_dict(), dir=str(workdir), mode=w.mode, id=run_id, resume="allow",
-    )  # fmt: skip
+        project=w.project or "mtp",
+        group=w.group or None,
+        name=w.name or workdir.name,
+        tags=list(w.tags),
+        config=config.to_dict(),
+        dir=str(workdir),
+        mode=w.mode,
+        id=run_id,
+        resume="allow",
+    )

@@ -58,8 +58,9 @@ class _Subset(Sequence):
         return self.rows[int(self.indices[i])]
 
 
-def data_rows(config: ml_collections.ConfigDict, workdir: pathlib.Path, target: Gemma4,
-              template: ChatTemplate) -> tuple[Sequence, Sequence]:  # fmt: skip
+def data_rows(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, target: Gemma4, template: ChatTemplate
+) -> tuple[Sequence, Sequence]:
     """Train and held-out rows; with self-distillation, the target's own answers to their prompts."""
     if config.data.embedded:
         paths = ensure_embedded_dataset(cache_root() / "data")
@@ -77,19 +78,29 @@ def data_rows(config: ml_collections.ConfigDict, workdir: pathlib.Path, target: 
     if sd.enabled:
         from mtp.data.self_distill import regenerate
 
-        kwargs = dict(temperature=sd.temperature, max_new_tokens=sd.max_new_tokens, batch_size=sd.batch_size,
-                      max_prompts=sd.max_prompts, seed=config.seed)  # fmt: skip
+        kwargs = dict(
+            temperature=sd.temperature,
+            max_new_tokens=sd.max_new_tokens,
+            batch_size=sd.batch_size,
+            max_prompts=sd.max_prompts,
+            seed=config.seed,
+        )
         train = load_rows(
             [str(regenerate(target, template, train, workdir / "self_distill" / "train.jsonl", **kwargs))]
         )
-        held_out = load_rows([str(regenerate(target, template, held_out, workdir / "self_distill" / "eval.jsonl",
-                                             **kwargs))])  # fmt: skip
+        held_out = load_rows(
+            [str(regenerate(target, template, held_out, workdir / "self_distill" / "eval.jsonl", **kwargs))]
+        )
     return train, held_out
 
 
 def pipeline_config(config: ml_collections.ConfigDict) -> PipelineConfig:
-    return PipelineConfig(seq_len=config.seq_len, global_batch_size=config.batch_size, seed=config.seed,
-                          num_workers=config.data.num_workers)  # fmt: skip
+    return PipelineConfig(
+        seq_len=config.seq_len,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        num_workers=config.data.num_workers,
+    )
 
 
 def train_iterator(config: ml_collections.ConfigDict, rows: Sequence, template: ChatTemplate):
@@ -103,11 +114,16 @@ def eval_batches(config: ml_collections.ConfigDict, rows: Sequence, template: Ch
 def drafter_config_for(config: ml_collections.ConfigDict, target_config) -> DrafterConfig:
     d = config.drafter
     return DrafterConfig.for_target(
-        target_config, num_layers=d.num_layers, hidden_size=d.hidden_size, num_heads=d.num_heads,
-        intermediate_size=d.intermediate_size, max_draft_len=d.max_draft_len,
-        use_ordered_embeddings=d.use_ordered_embeddings, num_centroids=d.num_centroids,
+        target_config,
+        num_layers=d.num_layers,
+        hidden_size=d.hidden_size,
+        num_heads=d.num_heads,
+        intermediate_size=d.intermediate_size,
+        max_draft_len=d.max_draft_len,
+        use_ordered_embeddings=d.use_ordered_embeddings,
+        num_centroids=d.num_centroids,
         centroid_intermediate_top_k=d.centroid_intermediate_top_k,
-    )  # fmt: skip
+    )
 
 
 def build_drafter(config: ml_collections.ConfigDict, target: Gemma4) -> Drafter:

@@ -30,9 +30,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     o = config.optimizer
     warmup = min(o.warmup_steps, config.num_train_steps)
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=o.learning_rate, warmup_steps=warmup,
-        decay_steps=max(config.num_train_steps, warmup + 1), end_value=o.learning_rate * o.end_learning_rate_fraction,
-    )  # fmt: skip
+        init_value=0.0,
+        peak_value=o.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(config.num_train_steps, warmup + 1),
+        end_value=o.learning_rate * o.end_learning_rate_fraction,
+    )
     tx = optax.chain(
         optax.clip_by_global_norm(o.grad_clip),
         optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
@@ -52,9 +55,13 @@ def state_shardings(abstract: TrainState, tx: optax.GradientTransformation, mesh
     """Shardings of every leaf: parameters (and their Adam moments) by the logical-axis rules, scalars replicated."""
     param_sh = sharding_lib.state_shardings(abstract.params, mesh)
     opt_sh = optax.tree_map_params(
-        tx, lambda _, s: s, abstract.opt_state, param_sh, transform_non_params=lambda _: replicated(mesh),
+        tx,
+        lambda _, s: s,
+        abstract.opt_state,
+        param_sh,
+        transform_non_params=lambda _: replicated(mesh),
         is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )  # fmt: skip
+    )
     return TrainState(
         step=replicated(mesh),
         params=param_sh,
@@ -80,8 +87,9 @@ def abstract_like(tree, shardings, dtype=None):
     return jax.tree.map(one, tree, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def init_state(params: nnx.State, extra: nnx.State, tx: optax.GradientTransformation,
-               mesh: Mesh) -> tuple[TrainState, TrainState]:  # fmt: skip
+def init_state(
+    params: nnx.State, extra: nnx.State, tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[TrainState, TrainState]:
     """The train state on the mesh (optimizer state built there, jitted) and its shardings."""
 
     def build(params, extra):

@@ -29,34 +29,57 @@ def loss_and_metrics(params, extra, drafter_graph, target, target_out, batch, lo
     return distill_loss(drafter, target, target_out, batch, loss_config, dtype)
 
 
-def train_step(state: TrainState, target_state: nnx.State, batch: dict, *, target_graph: nnx.GraphDef,
-               drafter_graph: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               loss_config: LossConfig, dtype: jnp.dtype) -> tuple[TrainState, dict]:  # fmt: skip
+def train_step(
+    state: TrainState,
+    target_state: nnx.State,
+    batch: dict,
+    *,
+    target_graph: nnx.GraphDef,
+    drafter_graph: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_config: LossConfig,
+    dtype: jnp.dtype,
+) -> tuple[TrainState, dict]:
     """One optimizer step. ``target_state`` is an input only: never donated, differentiated or returned."""
     target = nnx.merge(target_graph, target_state)
     target_out = frozen_target(target, batch, dtype)
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params, state.extra, drafter_graph, target, target_out, batch,
-                                     loss_config, dtype)  # fmt: skip
+    (loss, metrics), grads = grad_fn(
+        state.params, state.extra, drafter_graph, target, target_out, batch, loss_config, dtype
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
     # Guarded on device, so the host need not look at every step: a non-finite step leaves the parameters and the
     # optimizer state as they were, and its ``finite`` flag makes the host stop at its next check.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
-                                     (state.params, state.opt_state))  # fmt: skip
-    out = step_metrics(loss, metrics, batch) | {"grad_norm": grad_norm, "learning_rate": schedule(state.step),
-                                                 "finite": finite}  # fmt: skip
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+    )
+    out = step_metrics(loss, metrics, batch) | {
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(state.step),
+        "finite": finite,
+    }
     return TrainState(state.step + 1, params, state.extra, opt_state), out
 
 
-def eval_step(state: TrainState, target_state: nnx.State, batch: dict, *, target_graph: nnx.GraphDef,
-              drafter_graph: nnx.GraphDef, loss_config: LossConfig, dtype: jnp.dtype) -> dict:  # fmt: skip
+def eval_step(
+    state: TrainState,
+    target_state: nnx.State,
+    batch: dict,
+    *,
+    target_graph: nnx.GraphDef,
+    drafter_graph: nnx.GraphDef,
+    loss_config: LossConfig,
+    dtype: jnp.dtype,
+) -> dict:
     target = nnx.merge(target_graph, target_state)
     target_out = frozen_target(target, batch, dtype)
-    loss, metrics = loss_and_metrics(state.params, state.extra, drafter_graph, target, target_out, batch,
-                                     loss_config, dtype)  # fmt: skip
+    loss, metrics = loss_and_metrics(
+        state.params, state.extra, drafter_graph, target, target_out, batch, loss_config, dtype
+    )
     return step_metrics(loss, metrics, batch)
 
 

@@ -38,8 +38,10 @@ class NonFiniteLossError(FloatingPointError):
 
 def _device_batch(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
     """This process's rows of the global batch, assembled into one global array per field."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in
-            ("tokens", "loss_mask", "segment_ids", "positions")}  # fmt: skip
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+        for k in ("tokens", "loss_mask", "segment_ids", "positions")
+    }
 
 
 def _check_finite(unchecked: list[tuple], last_good: int | None, workdir: pathlib.Path) -> None:
@@ -56,9 +58,13 @@ def _check_finite(unchecked: list[tuple], last_good: int | None, workdir: pathli
 def _log_compiled(name: str, compiled) -> None:
     memory = compiled.memory_analysis()
     if memory is not None:
-        log.info("%s compiled: per-device memory arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB", name,
-                 memory.argument_size_in_bytes / 2**20, memory.output_size_in_bytes / 2**20,
-                 memory.temp_size_in_bytes / 2**20)  # fmt: skip
+        log.info(
+            "%s compiled: per-device memory arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB",
+            name,
+            memory.argument_size_in_bytes / 2**20,
+            memory.output_size_in_bytes / 2**20,
+            memory.temp_size_in_bytes / 2**20,
+        )
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -72,8 +78,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     mesh = sharding_lib.make_mesh(config.mesh.to_dict())
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % data_parallel:
-        raise ValueError(f"batch_size={config.batch_size} is not divisible by the data-parallel mesh size "
-                         f"{data_parallel} (data x fsdp); change config.batch_size or config.mesh.")  # fmt: skip
+        raise ValueError(
+            f"batch_size={config.batch_size} is not divisible by the data-parallel mesh size "
+            f"{data_parallel} (data x fsdp); change config.batch_size or config.mesh."
+        )
     dtype = jnp.dtype(config.compute_dtype)
 
     target_dir = setup.target_directory(config, workdir)
@@ -97,14 +105,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
     batch_sh, metrics_sh = batch_sharding(mesh), replicated(mesh)
     target_sh = sharding_lib.state_shardings(target_state, mesh)
-    static = dict(target_graph=target_graph, drafter_graph=drafter_graph, loss_config=loss_config(config),
-                  dtype=dtype)  # fmt: skip
+    static = dict(target_graph=target_graph, drafter_graph=drafter_graph, loss_config=loss_config(config), dtype=dtype)
     step_fn = jit_train_step(state_sh, target_sh, batch_sh, metrics_sh, tx=tx, schedule=schedule, **static)
     eval_fn = jit_eval_step(state_sh, target_sh, batch_sh, metrics_sh, **static)
     eval_batches = [_device_batch(b, batch_sh) for b in setup.eval_batches(config, eval_rows, template)]
 
-    writer = MetricsWriter(workdir, config, start_step=start_step, total=config.num_train_steps,
-                           is_main=jax.process_index() == 0)  # fmt: skip
+    writer = MetricsWriter(
+        workdir, config, start_step=start_step, total=config.num_train_steps, is_main=jax.process_index() == 0
+    )
     history, unchecked, last_time, last_good = [], [], time.perf_counter(), checkpointer.latest_step
     summary: dict = {}
     compiled = None

@@ -27,12 +27,34 @@ from tests.gemma4.test_oracle import assert_float32_close, references, token_ids
 
 # Fields of transformers' Gemma4TextConfig that shape the model (per_layer_config carries global head dim / KV heads).
 HF_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "per_layer_config", "layer_types", "sliding_window", "rope_parameters", "rms_norm_eps",
-    "final_logit_softcapping", "hidden_size_per_layer_input", "vocab_size_per_layer_input", "num_kv_shared_layers",
-    "use_double_wide_mlp", "attention_k_eq_v", "enable_moe_block", "num_experts", "top_k_experts",
-    "moe_intermediate_size", "hidden_activation", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
-)  # fmt: skip
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "per_layer_config",
+    "layer_types",
+    "sliding_window",
+    "rope_parameters",
+    "rms_norm_eps",
+    "final_logit_softcapping",
+    "hidden_size_per_layer_input",
+    "vocab_size_per_layer_input",
+    "num_kv_shared_layers",
+    "use_double_wide_mlp",
+    "attention_k_eq_v",
+    "enable_moe_block",
+    "num_experts",
+    "top_k_experts",
+    "moe_intermediate_size",
+    "hidden_activation",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
 def flat_params(model: Gemma4) -> dict:

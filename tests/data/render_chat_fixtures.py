@@ -43,8 +43,9 @@ CONVERSATIONS = {
 
 
 def render(template: jinja2.Template, messages: list[dict], generation_prompt: bool) -> str:
-    return template.render(messages=messages, add_generation_prompt=generation_prompt, bos_token="<bos>",
-                           eos_token="<eos>", tools=None)  # fmt: skip
+    return template.render(
+        messages=messages, add_generation_prompt=generation_prompt, bos_token="<bos>", eos_token="<eos>", tools=None
+    )
 
 
 def main() -> None:
@@ -53,8 +54,9 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=FIXTURE)
     args = parser.parse_args()
     # The environment transformers' apply_chat_template uses.
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                      extensions=[jinja2.ext.loopcontrols])  # fmt: skip
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
     template = env.from_string(args.template.read_text())
     fixtures = {}
     for name, messages in CONVERSATIONS.items():

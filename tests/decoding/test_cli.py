@@ -106,9 +106,11 @@ def runs(setup, tmp_path_factory) -> dict[str, Run]:
         stdout.close()
         stderr.close()
         results[name] = Run(
-            returncode, pathlib.Path(stdout.name).read_text(), pathlib.Path(stderr.name).read_text(),
+            returncode,
+            pathlib.Path(stdout.name).read_text(),
+            pathlib.Path(stderr.name).read_text(),
             root / f"{name}.json",
-        )  # fmt: skip
+        )
     return results
 
 

@@ -106,17 +106,26 @@ def test_round_counts_cut_at_a_stop_token_and_at_the_limit():
 
 def in_dtype(module: nnx.Module, dtype) -> nnx.Module:
     graph, state = nnx.split(module)
-    return nnx.merge(graph, jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                                         state))  # fmt: skip
+    return nnx.merge(
+        graph, jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    )
 
 
 def test_a_bf16_target_decodes_in_bf16_and_matches_float32():
     """The loop runs in the checkpoint's dtype (bf16 cache and compute, float32 logits) and, on a fixture whose
     greedy choices have clear margins, picks the same tokens as float32."""
     config = Gemma4Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-        global_head_dim=16, layer_types=(SLIDING, FULL), sliding_window=4,
-    )  # fmt: skip
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        global_head_dim=16,
+        layer_types=(SLIDING, FULL),
+        sliding_window=4,
+    )
     f32 = Gemma4(config, rngs=nnx.Rngs(2))
     f32.final_norm.weight[...] = f32.final_norm.weight[...] * 3.0  # sharper logits: wide greedy margins
     bf16 = in_dtype(f32, jnp.bfloat16)
@@ -135,10 +144,20 @@ def test_a_bf16_target_decodes_in_bf16_and_matches_float32():
         assert [o.token_ids for o in got] == [o.token_ids for o in want], draft_len
     target_graph, target_state = nnx.split(bf16)
     traced = engine.decode_loop.trace(
-        target_graph, target_state, None, None, jnp.zeros((1, 16), jnp.int32), jnp.array([5]), stop_token_array((1,)),
-        np.uint32(0), jnp.zeros((1,), jnp.int32), draft_len=0, max_new_tokens=12, sampling=GREEDY,
+        target_graph,
+        target_state,
+        None,
+        None,
+        jnp.zeros((1, 16), jnp.int32),
+        jnp.array([5]),
+        stop_token_array((1,)),
+        np.uint32(0),
+        jnp.zeros((1,), jnp.int32),
+        draft_len=0,
+        max_new_tokens=12,
+        sampling=GREEDY,
         dtype=jnp.dtype(jnp.bfloat16),
-    )  # fmt: skip
+    )
     loop = next(e for e in traced.jaxpr.eqns if e.primitive.name == "while")
     caches = [v.aval.dtype for v in loop.outvars if v.aval.ndim == 4]  # K/V cache [B, K, S, H]
     assert caches and all(dtype == jnp.bfloat16 for dtype in caches)

@@ -34,9 +34,18 @@ FIT, REJECT = 1e-3, 1e-6  # the real rule must not be rejected at FIT; a broken 
 @pytest.fixture(scope="module")
 def pair():
     config = Gemma4Config(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-        head_dim=8, global_head_dim=8, layer_types=(SLIDING, FULL), sliding_window=4, final_logit_softcapping=None,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        global_head_dim=8,
+        layer_types=(SLIDING, FULL),
+        sliding_window=4,
+        final_logit_softcapping=None,
+    )
     target = Gemma4(config, rngs=nnx.Rngs(3))
     target.embed[...] = target.embed[...] * 0.3  # keep the target's distributions spread out
     return target, random_drafter(target, seed=5, max_draft_len=2)
@@ -85,8 +94,16 @@ def counts_of(outputs, new: int = NEW) -> np.ndarray:
 
 
 def sampled_counts(target, drafter, draft_len: int, sampling: Sampling) -> np.ndarray:
-    outputs, _ = generate(target, drafter, [PROMPT] * SAMPLES, draft_len=draft_len, max_new_tokens=NEW,
-                          sampling=sampling, stop_tokens=(), seed=11)  # fmt: skip
+    outputs, _ = generate(
+        target,
+        drafter,
+        [PROMPT] * SAMPLES,
+        draft_len=draft_len,
+        max_new_tokens=NEW,
+        sampling=sampling,
+        stop_tokens=(),
+        seed=11,
+    )
     return counts_of(outputs)
 
 
@@ -138,9 +155,17 @@ HOT = Sampling(temperature=2.0)
 
 
 def repeated_prompt_counts(target, drafter, draft_len: int) -> tuple[np.ndarray, float]:
-    outputs = generate_in_batches(target, drafter, [PROMPT] * (BATCH * BATCHES), batch_size=BATCH,
-                                  draft_len=draft_len, max_new_tokens=PAIR, sampling=HOT, stop_tokens=(),
-                                  seed=3)  # fmt: skip
+    outputs = generate_in_batches(
+        target,
+        drafter,
+        [PROMPT] * (BATCH * BATCHES),
+        batch_size=BATCH,
+        draft_len=draft_len,
+        max_new_tokens=PAIR,
+        sampling=HOT,
+        stop_tokens=(),
+        seed=3,
+    )
     first_draft_accepted = [n >= 1 for o in outputs for n in o.accepted_per_round]
     return counts_of(outputs, PAIR), float(np.mean(first_draft_accepted))
 
@@ -181,8 +206,17 @@ def test_samples_do_not_depend_on_the_batch_size(pair, draft_len):
 @pytest.mark.parametrize("draft_len", [0, 2])
 def test_a_prompt_repeated_over_batches_gets_fresh_samples(pair, draft_len):
     target, drafter = pair
-    outputs = generate_in_batches(target, drafter, [PROMPT] * (2 * BATCH), batch_size=BATCH, draft_len=draft_len,
-                                  max_new_tokens=PAIR, sampling=HOT, stop_tokens=(), seed=0)  # fmt: skip
+    outputs = generate_in_batches(
+        target,
+        drafter,
+        [PROMPT] * (2 * BATCH),
+        batch_size=BATCH,
+        draft_len=draft_len,
+        max_new_tokens=PAIR,
+        sampling=HOT,
+        stop_tokens=(),
+        seed=0,
+    )
     first, second = (np.array([o.token_ids for o in outputs[i : i + BATCH]]) for i in (0, BATCH))
     same_rows = np.mean(np.all(first == second, axis=1))
     # Independent rows coincide with probability sum(p^2) over the 16 continuations (under 10% here).

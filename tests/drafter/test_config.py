@@ -27,9 +27,15 @@ def assistant_dict(kind, ordered):
 def test_for_target_builds_the_fixture_assistant(kind, ordered):
     """for_target reproduces the hand-written HF assistant config; our params match HF's tensors one to one."""
     fitted = DrafterConfig.for_target(
-        target_config(kind), hidden_size=32, intermediate_size=64, num_heads=4, final_logit_softcapping=30.0,
-        use_ordered_embeddings=ordered, num_centroids=16, centroid_intermediate_top_k=4,
-    )  # fmt: skip
+        target_config(kind),
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        final_logit_softcapping=30.0,
+        use_ordered_embeddings=ordered,
+        num_centroids=16,
+        centroid_intermediate_top_k=4,
+    )
     assert fitted == config_from_hf(assistant_dict(kind, ordered))
     assert config_from_hf(config_to_hf(fitted)) == fitted
     model = nnx.eval_shape(lambda: Drafter(fitted, rngs=nnx.Rngs(0)))
@@ -52,19 +58,31 @@ def test_hf_round_trip_keeps_unusual_values():
 
 
 MISMATCHES = {
-    "backbone": ("dense", {"backbone_hidden_size": 48},
-                 "drafter backbone_hidden_size = 48 but target hidden_size = 64"),
+    "backbone": (
+        "dense",
+        {"backbone_hidden_size": 48},
+        "drafter backbone_hidden_size = 48 but target hidden_size = 64",
+    ),
     "vocab": ("dense", {"vocab_size": 256}, "drafter vocab_size = 256 but target vocab_size = 512"),
     "window": ("dense", {"sliding_window": 16}, "drafter sliding_window = 16 but target sliding_window = 8"),
     "head_dim": ("dense", {"head_dim": 32}, "sliding_attention head dim = 32 but target layer 4 head dim = 16"),
-    "global_head_dim": ("e2b_like", {"global_head_dim": 64},
-                        "full_attention head dim = 64 but target layer 2 head dim = 32"),
+    "global_head_dim": (
+        "e2b_like",
+        {"global_head_dim": 64},
+        "full_attention head dim = 64 but target layer 2 head dim = 32",
+    ),
     "kv_heads": ("dense", {"num_kv_heads": 1}, "sliding_attention KV heads = 1 but target layer 4 KV heads = 2"),
-    "global_kv_heads": ("keqv_like", {"num_global_kv_heads": 2},
-                        "full_attention KV heads = 2 but target layer 5 KV heads = 1"),
-    "rope": ("dense", {"rope_full": RopeConfig(theta=10_000.0)},
-             "full_attention RoPE = RopeConfig(theta=10000.0, rotary_fraction=1.0, factor=1.0) but target"),
-}  # fmt: skip
+    "global_kv_heads": (
+        "keqv_like",
+        {"num_global_kv_heads": 2},
+        "full_attention KV heads = 2 but target layer 5 KV heads = 1",
+    ),
+    "rope": (
+        "dense",
+        {"rope_full": RopeConfig(theta=10_000.0)},
+        "full_attention RoPE = RopeConfig(theta=10000.0, rotary_fraction=1.0, factor=1.0) but target",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", MISMATCHES)
@@ -90,8 +108,10 @@ def test_inconsistent_configs_are_rejected():
 
 
 HF_ERRORS = {
-    "llama": ({"model_type": "llama"},
-              r"x/config\.json: model_type is 'llama'; a Gemma 4 MTP drafter has model_type 'gemma4_assistant'"),
+    "llama": (
+        {"model_type": "llama"},
+        r"x/config\.json: model_type is 'llama'; a Gemma 4 MTP drafter has model_type 'gemma4_assistant'",
+    ),
     "target": ({"model_type": "gemma4"}, r"model_type is 'gemma4'.*targets"),
     "ple default": ({"text_config.hidden_size_per_layer_input": None}, "hidden_size_per_layer_input = 256"),
     "ple vocab": ({"text_config.vocab_size_per_layer_input": 512}, "vocab_size_per_layer_input = 512"),
@@ -101,7 +121,7 @@ HF_ERRORS = {
     "unknown key": ({"mystery": 1}, r"unsupported assistant config keys \['mystery'\]"),
     "untied": ({"tie_word_embeddings": False}, "tie_word_embeddings=False"),
     "text problem": ({"text_config.hidden_activation": "relu"}, "text_config: hidden_activation 'relu'"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", HF_ERRORS)

@@ -19,8 +19,9 @@ POSITION, STEPS = 12, 3
 
 @functools.partial(nnx.jit, static_argnames=("num_tokens", "temperature"))
 def jit_draft(drafter, target, token, hidden, position, kv, num_tokens, temperature=0.0, keys=None):
-    return draft(drafter, target, token, hidden, position, kv, num_tokens=num_tokens, temperature=temperature,
-                 keys_B=keys)  # fmt: skip
+    return draft(
+        drafter, target, token, hidden, position, kv, num_tokens=num_tokens, temperature=temperature, keys_B=keys
+    )
 
 
 def hf_greedy_loop(hf_target, hf_assistant, token, hidden, shared_kv, steps):
@@ -57,8 +58,15 @@ def test_greedy_draft_matches_transformers_loop(kind, ordered, targets, assistan
     want_tokens, want_logits = hf_greedy_rows(hf_target, hf_assistant, ids[:, POSITION], hidden, shared_kv, STEPS)
     top2 = np.sort(want_logits, axis=-1)[..., -2:]
     assert np.all(top2[..., 1] - top2[..., 0] > 1e-3), "near-tie: the token comparison would be fragile"
-    got = jit_draft(drafter, target, jnp.asarray(ids[:, POSITION]), jnp.asarray(hidden[:, 0]),
-                    jnp.full((2,), POSITION), layer_kv(shared_kv), STEPS)  # fmt: skip
+    got = jit_draft(
+        drafter,
+        target,
+        jnp.asarray(ids[:, POSITION]),
+        jnp.asarray(hidden[:, 0]),
+        jnp.full((2,), POSITION),
+        layer_kv(shared_kv),
+        STEPS,
+    )
     np.testing.assert_array_equal(np.asarray(got.tokens_BP), want_tokens, err_msg=kind)
     assert got.logits_BPV.shape == (2, STEPS, hf_oracle.VOCAB)
     np.testing.assert_allclose(np.asarray(got.logits_BPV), want_logits, atol=5e-5, rtol=0, err_msg=kind)
@@ -89,8 +97,15 @@ def test_sampled_draft(targets, assistants):
     _, _, drafter = assistants("dense", False)
     ids = token_ids(2, POSITION + 2, seed=11)
     _, hidden, shared_kv = hf_step_inputs(hf_target, ids, POSITION)
-    args = (drafter, target, jnp.asarray(ids[:, POSITION]), jnp.asarray(hidden[:, 0]), jnp.full((2,), POSITION),
-            layer_kv(shared_kv), 4)  # fmt: skip
+    args = (
+        drafter,
+        target,
+        jnp.asarray(ids[:, POSITION]),
+        jnp.asarray(hidden[:, 0]),
+        jnp.full((2,), POSITION),
+        layer_kv(shared_kv),
+        4,
+    )
     greedy = jit_draft(*args)
     samples = [jit_draft(*args, temperature=2.0, keys=jax.random.split(jax.random.key(seed), 2)) for seed in range(4)]
     again = jit_draft(*args, temperature=2.0, keys=jax.random.split(jax.random.key(0), 2))

@@ -61,8 +61,15 @@ def test_export_is_exactly_hf_layout_and_loads_in_transformers(kind, ordered, as
             theirs_layer.head_dim,
             theirs_layer.num_key_value_heads,
         )
-    for field in ("layer_types", "rope_parameters", "sliding_window",
-                  "attention_k_eq_v", "num_kv_shared_layers", "final_logit_softcapping", "rms_norm_eps"):  # fmt: skip
+    for field in (
+        "layer_types",
+        "rope_parameters",
+        "sliding_window",
+        "attention_k_eq_v",
+        "num_kv_shared_layers",
+        "final_logit_softcapping",
+        "rms_norm_eps",
+    ):
         assert getattr(ours_text, field) == getattr(theirs_text, field), field
     for field in ("backbone_hidden_size", "use_ordered_embeddings", "num_centroids", "centroid_intermediate_top_k"):
         assert getattr(reloaded.config, field) == getattr(hf_assistant.config, field), field
@@ -124,23 +131,47 @@ def rewrite(src, dst, *, config=None, tensors=None):
 
 
 BAD = {
-    "unknown model_type": (dict(config={"model_type": "gemma4_text"}), DrafterConfigError,
-                           r"model_type is 'gemma4_text'.*'gemma4_assistant'"),
-    "vocab % centroids": (dict(config={"num_centroids": 24}), DrafterConfigError,
-                          "vocab_size=512 is not a multiple of num_centroids=24"),
-    "no token_ordering": (dict(tensors={"masked_embedding.token_ordering": None}), CheckpointError,
-                          "use_ordered_embeddings is set but masked_embedding.token_ordering is missing"),
-    "token id out of range": (dict(tensors={"masked_embedding.token_ordering": np.arange(1, 513)}), CheckpointError,
-                              r"ids in \[1, 512\], outside the vocabulary \[0, 512\)"),
-    "missing tensor": (dict(tensors={"model.norm.weight": None}), CheckpointError,
-                       r"1 tensors missing, e.g. \['model.norm.weight'\]"),
-    "unexpected tensor": (dict(tensors={"model.layers.0.extra.weight": np.zeros(2, np.float32)}), CheckpointError,
-                          r"1 unexpected tensors, e.g. \['model.layers.0.extra.weight'\]"),
-    "shape mismatch": (dict(tensors={"model.layers.3.self_attn.q_norm.weight": np.ones(16, np.float32)}),
-                       CheckpointError, r"model.layers.3.self_attn.q_norm.weight has shape \(16,\), expected \(32,\)"),
-    "PLE on": (dict(config={"text_config.hidden_size_per_layer_input": 16}), DrafterConfigError,
-               "hidden_size_per_layer_input = 16; a Gemma 4 assistant needs 0"),
-}  # fmt: skip
+    "unknown model_type": (
+        dict(config={"model_type": "gemma4_text"}),
+        DrafterConfigError,
+        r"model_type is 'gemma4_text'.*'gemma4_assistant'",
+    ),
+    "vocab % centroids": (
+        dict(config={"num_centroids": 24}),
+        DrafterConfigError,
+        "vocab_size=512 is not a multiple of num_centroids=24",
+    ),
+    "no token_ordering": (
+        dict(tensors={"masked_embedding.token_ordering": None}),
+        CheckpointError,
+        "use_ordered_embeddings is set but masked_embedding.token_ordering is missing",
+    ),
+    "token id out of range": (
+        dict(tensors={"masked_embedding.token_ordering": np.arange(1, 513)}),
+        CheckpointError,
+        r"ids in \[1, 512\], outside the vocabulary \[0, 512\)",
+    ),
+    "missing tensor": (
+        dict(tensors={"model.norm.weight": None}),
+        CheckpointError,
+        r"1 tensors missing, e.g. \['model.norm.weight'\]",
+    ),
+    "unexpected tensor": (
+        dict(tensors={"model.layers.0.extra.weight": np.zeros(2, np.float32)}),
+        CheckpointError,
+        r"1 unexpected tensors, e.g. \['model.layers.0.extra.weight'\]",
+    ),
+    "shape mismatch": (
+        dict(tensors={"model.layers.3.self_attn.q_norm.weight": np.ones(16, np.float32)}),
+        CheckpointError,
+        r"model.layers.3.self_attn.q_norm.weight has shape \(16,\), expected \(32,\)",
+    ),
+    "PLE on": (
+        dict(config={"text_config.hidden_size_per_layer_input": 16}),
+        DrafterConfigError,
+        "hidden_size_per_layer_input = 16; a Gemma 4 assistant needs 0",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -29,8 +29,9 @@ def drafter_forward(drafter, target, tokens, hidden, positions, kv, segments=Non
 @pytest.fixture(scope="module")
 def ordered_drafter(targets):
     target = targets("dense")[1]
-    config = DrafterConfig.for_target(target.config, use_ordered_embeddings=True, num_centroids=16,
-                                      centroid_intermediate_top_k=4)  # fmt: skip
+    config = DrafterConfig.for_target(
+        target.config, use_ordered_embeddings=True, num_centroids=16, centroid_intermediate_top_k=4
+    )
     drafter = nnx.jit(lambda: Drafter(config, rngs=nnx.Rngs(0)))()
     drafter.token_ordering.set_value(jax.random.permutation(jax.random.key(1), hf_oracle.VOCAB).astype(jnp.int32))
     return target, drafter
@@ -65,8 +66,14 @@ def test_packed_documents_match_separate_runs_and_single_steps(ordered_drafter):
 
     # One query at a time (decoding's T=1) over the unpacked second document's K/V gives the same rows.
     for t in (0, 5, 11):
-        step = drafter_forward(drafter, target, alone_tokens[:, t : t + 1], alone_out.hidden[:, t : t + 1],
-                               alone_positions[:, t : t + 1], alone_out.drafter_kv)  # fmt: skip
+        step = drafter_forward(
+            drafter,
+            target,
+            alone_tokens[:, t : t + 1],
+            alone_out.hidden[:, t : t + 1],
+            alone_positions[:, t : t + 1],
+            alone_out.drafter_kv,
+        )
         np.testing.assert_allclose(np.asarray(step.logits_BTV[0, 0]), np.asarray(alone.logits_BTV[0, t]), atol=1e-5)
 
 

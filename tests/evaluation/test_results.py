@@ -9,9 +9,22 @@ from mtp.evaluation import results
 from mtp.evaluation.prompts import Prompt
 from mtp.evaluation.sweep import Run
 
-SCHEMA = {"prompt_set", "category", "draft_len", "temperature", "batch_size", "num_prompts", "num_tokens",
-          "acceptance_length", "predicted_acceptance_length", "per_position_acceptance", "tokens_per_second",
-          "ar_tokens_per_second", "speedup", "outputs_match_ar"}  # fmt: skip
+SCHEMA = {
+    "prompt_set",
+    "category",
+    "draft_len",
+    "temperature",
+    "batch_size",
+    "num_prompts",
+    "num_tokens",
+    "acceptance_length",
+    "predicted_acceptance_length",
+    "per_position_acceptance",
+    "tokens_per_second",
+    "ar_tokens_per_second",
+    "speedup",
+    "outputs_match_ar",
+}
 
 
 def generation(tokens, accepted):

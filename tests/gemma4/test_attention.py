@@ -107,11 +107,22 @@ def test_auto_is_dense_for_short_queries_and_blockwise_for_long(monkeypatch):
 def test_model_blockwise_equals_dense(monkeypatch):
     """A whole (shrunk) target forward over a packed batch: KV-shared layers, k_eq_v, PLE, sliding windows."""
     config = PRESETS["gemma4_e2b"].replace(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8,
-        global_head_dim=16, sliding_window=6, num_layers=5, layer_types=(SLIDING, SLIDING, FULL, SLIDING, FULL),
-        num_kv_shared_layers=2, attention_k_eq_v=True, num_global_kv_heads=1, per_layer_vocab_size=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        global_head_dim=16,
+        sliding_window=6,
+        num_layers=5,
+        layer_types=(SLIDING, SLIDING, FULL, SLIDING, FULL),
+        num_kv_shared_layers=2,
+        attention_k_eq_v=True,
+        num_global_kv_heads=1,
+        per_layer_vocab_size=64,
         per_layer_input_dim=4,
-    )  # fmt: skip
+    )
     positions, segments = packed()
     tokens = jax.random.randint(jax.random.key(1), (B, T), 0, 64)
     monkeypatch.setattr(attention, "QUERY_CHUNK", 4)

@@ -13,22 +13,34 @@ from tests import hf_oracle
 def hf_text_config(config: Gemma4Config) -> dict:
     """The hub-form gemma4_text config.json of one of our configs."""
     out = dict(
-        model_type="gemma4_text", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
-        global_head_dim=config.global_head_dim, layer_types=list(config.layer_types),
-        sliding_window=config.sliding_window, attention_k_eq_v=config.attention_k_eq_v,
+        model_type="gemma4_text",
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        global_head_dim=config.global_head_dim,
+        layer_types=list(config.layer_types),
+        sliding_window=config.sliding_window,
+        attention_k_eq_v=config.attention_k_eq_v,
         final_logit_softcapping=config.final_logit_softcapping,
         hidden_size_per_layer_input=config.per_layer_input_dim,
         vocab_size_per_layer_input=config.per_layer_vocab_size or config.vocab_size,
-        num_kv_shared_layers=config.num_kv_shared_layers, use_double_wide_mlp=config.use_double_wide_mlp,
+        num_kv_shared_layers=config.num_kv_shared_layers,
+        use_double_wide_mlp=config.use_double_wide_mlp,
         eos_token_id=list(config.eos_token_ids),
-    )  # fmt: skip
+    )
     if config.num_global_kv_heads:
         out["num_global_key_value_heads"] = config.num_global_kv_heads
     if config.enable_moe:
-        out |= dict(enable_moe_block=True, num_experts=config.num_experts, top_k_experts=config.top_k_experts,
-                    moe_intermediate_size=config.moe_intermediate_size)  # fmt: skip
+        out |= dict(
+            enable_moe_block=True,
+            num_experts=config.num_experts,
+            top_k_experts=config.top_k_experts,
+            moe_intermediate_size=config.moe_intermediate_size,
+        )
     return out
 
 

@@ -32,9 +32,15 @@ def target():
 
 
 def make_drafter(target, ordered: bool) -> Drafter:
-    config = DrafterConfig.for_target(target.config, num_layers=2, hidden_size=32, max_draft_len=DEPTH,
-                                      use_ordered_embeddings=ordered, num_centroids=16,
-                                      centroid_intermediate_top_k=4)  # fmt: skip
+    config = DrafterConfig.for_target(
+        target.config,
+        num_layers=2,
+        hidden_size=32,
+        max_draft_len=DEPTH,
+        use_ordered_embeddings=ordered,
+        num_centroids=16,
+        centroid_intermediate_top_k=4,
+    )
     drafter = Drafter(config, rngs=nnx.Rngs(1))
     if ordered:
         ordering = jax.random.permutation(jax.random.key(2), hf_oracle.VOCAB).astype(jnp.int32)
@@ -139,11 +145,17 @@ def test_the_loss_is_the_decayed_mean_of_the_per_depth_divergences(target):
     @nnx.jit
     def run(drafter, target, target_out, batch):
         depths = unroll(drafter, target, target_out, batch, DEPTH)
-        parts = [(drafter.full_logits(d.features.normed), drafter.centroid_scores(d.features.normed),
-                  target.logits(d.teacher_hidden_BTD), d.valid_BT,
-                  jnp.argmax(drafter.logits(d.features.normed), axis=-1),
-                  drafted_tokens(drafter, d.features.normed, drafter.full_logits(d.features.normed)))
-                 for d in depths]  # fmt: skip
+        parts = [
+            (
+                drafter.full_logits(d.features.normed),
+                drafter.centroid_scores(d.features.normed),
+                target.logits(d.teacher_hidden_BTD),
+                d.valid_BT,
+                jnp.argmax(drafter.logits(d.features.normed), axis=-1),
+                drafted_tokens(drafter, d.features.normed, drafter.full_logits(d.features.normed)),
+            )
+            for d in depths
+        ]
         return distill_loss(drafter, target, target_out, batch, config), parts
 
     (loss, metrics), parts = jax.device_get(run(drafter, target, target_forward(target, batch), batch))

@@ -11,9 +11,22 @@ from mtp.training.run import TARGET_FILE, run
 
 pytestmark = pytest.mark.slow
 
-RECORD_KEYS = {"prompt_set", "category", "draft_len", "temperature", "batch_size", "num_prompts", "num_tokens",
-               "acceptance_length", "predicted_acceptance_length", "per_position_acceptance", "tokens_per_second",
-               "ar_tokens_per_second", "speedup", "outputs_match_ar"}  # fmt: skip
+RECORD_KEYS = {
+    "prompt_set",
+    "category",
+    "draft_len",
+    "temperature",
+    "batch_size",
+    "num_prompts",
+    "num_tokens",
+    "acceptance_length",
+    "predicted_acceptance_length",
+    "per_position_acceptance",
+    "tokens_per_second",
+    "ar_tokens_per_second",
+    "speedup",
+    "outputs_match_ar",
+}
 
 
 @pytest.fixture(scope="module")

@@ -26,16 +26,18 @@ def test_the_target_answers_its_prompts_and_the_pipeline_reads_them(embedded_cac
     written = [json.loads(line) for line in path.read_text().splitlines()]
     prompts = prompts_of(rows)
     assert len(written) == len(prompts) == 6
-    expected, _ = generate(target, None, [template.prompt_ids(p) for p in prompts], max_new_tokens=16,
-                           stop_tokens=template.stop_tokens)  # fmt: skip
+    expected, _ = generate(
+        target, None, [template.prompt_ids(p) for p in prompts], max_new_tokens=16, stop_tokens=template.stop_tokens
+    )
     for row, prompt, output in zip(written, prompts, expected, strict=True):
         assert row["messages"][:-1] == prompt
         assert row["messages"][-1]["role"] == "model"
         answer = [t for t in output.token_ids if t not in template.stop_tokens]
         assert row["messages"][-1]["content"] == template.tokenizer.decode(answer, skip_special_tokens=True)
 
-    batches = make_eval_batches(load_rows([str(path)]), template, PipelineConfig(seq_len=64, global_batch_size=2),
-                                num_batches=1)  # fmt: skip
+    batches = make_eval_batches(
+        load_rows([str(path)]), template, PipelineConfig(seq_len=64, global_batch_size=2), num_batches=1
+    )
     assert batches[0]["loss_mask"].sum() > 0
     mtime = path.stat().st_mtime_ns
     regenerate(target, template, rows, path, max_new_tokens=16, batch_size=4)

@@ -52,9 +52,18 @@ def run(kind: str, mesh_shape: dict, steps: int = 2):
     drafter_graph, params, extra = split_drafter(drafter)
     tx, schedule = make_optimizer(config)
     state, state_sh = init_state(params, extra, tx, mesh)
-    step = jit_train_step(state_sh, target_sh, batch_sharding(mesh), replicated(mesh), tx=tx, schedule=schedule,
-                          target_graph=target_graph, drafter_graph=drafter_graph, loss_config=loss_config(config),
-                          dtype=jnp.float32)  # fmt: skip
+    step = jit_train_step(
+        state_sh,
+        target_sh,
+        batch_sharding(mesh),
+        replicated(mesh),
+        tx=tx,
+        schedule=schedule,
+        target_graph=target_graph,
+        drafter_graph=drafter_graph,
+        loss_config=loss_config(config),
+        dtype=jnp.float32,
+    )
     batch = jax.device_put(synthetic_batch(), batch_sharding(mesh))
     losses = []
     for _ in range(steps):

@@ -43,10 +43,17 @@ def test_a_non_finite_step_leaves_the_state_as_it_was(monkeypatch):
     tx, schedule = make_optimizer(config)
     state, state_sh = init_state(params, extra, tx, mesh)
     train_step = step_lib.jit_train_step(
-        state_sh, sharding_lib.state_shardings(target_state, mesh), batch_sharding(mesh), replicated(mesh), tx=tx,
-        schedule=schedule, target_graph=target_graph, drafter_graph=drafter_graph, loss_config=loss_config(config),
+        state_sh,
+        sharding_lib.state_shardings(target_state, mesh),
+        batch_sharding(mesh),
+        replicated(mesh),
+        tx=tx,
+        schedule=schedule,
+        target_graph=target_graph,
+        drafter_graph=drafter_graph,
+        loss_config=loss_config(config),
         dtype=jnp.float32,
-    )  # fmt: skip
+    )
     good = synthetic_batch(batch=4)
     bad = dict(good, tokens=good["tokens"].copy())
     bad["tokens"][0, 0] = 0
@@ -56,16 +63,22 @@ def test_a_non_finite_step_leaves_the_state_as_it_was(monkeypatch):
     assert not metrics["finite"] and np.isnan(metrics["loss"]) and np.isnan(metrics["grad_norm"])
     assert int(state.step) == 1
     after = jax.device_get(state)
-    for old, new in zip(jax.tree.leaves((before.params, before.opt_state)),
-                        jax.tree.leaves((after.params, after.opt_state)), strict=True):  # fmt: skip
+    for old, new in zip(
+        jax.tree.leaves((before.params, before.opt_state)),
+        jax.tree.leaves((after.params, after.opt_state)),
+        strict=True,
+    ):
         np.testing.assert_array_equal(new, old)
 
     grad_only = dict(good, tokens=good["tokens"].copy())
     grad_only["tokens"][0, 0] = 1
     state, metrics = train_step(state, target_state, grad_only)
     assert not metrics["finite"] and np.isfinite(metrics["loss"]) and np.isnan(metrics["grad_norm"])
-    for old, new in zip(jax.tree.leaves((after.params, after.opt_state)),
-                        jax.tree.leaves(jax.device_get((state.params, state.opt_state))), strict=True):  # fmt: skip
+    for old, new in zip(
+        jax.tree.leaves((after.params, after.opt_state)),
+        jax.tree.leaves(jax.device_get((state.params, state.opt_state))),
+        strict=True,
+    ):
         np.testing.assert_array_equal(new, old)
     with pytest.raises(
         trainer.NonFiniteLossError, match=r"gradient norm nan\) at step 2;.*last good checkpoint is step 1"

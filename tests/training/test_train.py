@@ -85,8 +85,14 @@ def test_a_tiny_run_logs_evaluates_and_exports(finished_run):
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6, 9, 12]
     assert [r["step"] for r in records] == [2, 3, 4, 6, 8, 9, 10, 12], "one line per step"
     first = records[0]
-    for key in ("loss", "top1_agreement", "simulated_acceptance_length", "tokens_per_second", "learning_rate",
-                "grad_norm"):  # fmt: skip
+    for key in (
+        "loss",
+        "top1_agreement",
+        "simulated_acceptance_length",
+        "tokens_per_second",
+        "learning_rate",
+        "grad_norm",
+    ):
         assert key in first, key
     assert len(first["top1_agreement"]) == tiny_config().loss.depth
     assert "finite" not in first, "the non-finite check is the trainer's, not a metric"
@@ -105,8 +111,7 @@ def test_the_last_eval_metrics_are_those_of_the_exported_drafter(finished_run):
     config = tiny_config()
     target_dir = setup.target_directory(config, finished_run)
     target = load_target(target_dir)
-    drafter = load_drafter(finished_run / "hf", target_config=target.config,
-                           max_draft_len=config.drafter.max_draft_len)  # fmt: skip
+    drafter = load_drafter(finished_run / "hf", target_config=target.config, max_draft_len=config.drafter.max_draft_len)
     template = setup.chat_template(config, target_dir)
     batches = setup.eval_batches(config, setup.data_rows(config, finished_run, target, template)[1], template)
 
@@ -190,8 +195,11 @@ def test_a_changed_worker_count_is_refused_where_checkpoints_hold_the_data_state
     workdir = tmp_path / "workers"
     shutil.copytree(finished_run, workdir)
     saved = (workdir / "config.json").read_text()
-    with pytest.raises(WorkdirError, match=r"saved with data\.num_workers=0, .* resumed with data\.num_workers=2: "
-                                           r"rerun with --config\.data\.num_workers=0"):  # fmt: skip
+    with pytest.raises(
+        WorkdirError,
+        match=r"saved with data\.num_workers=0, .* resumed with data\.num_workers=2: "
+        r"rerun with --config\.data\.num_workers=0",
+    ):
         trainer.train(tiny_config(**{"data.num_workers": 2}), workdir)
     assert (workdir / "config.json").read_text() == saved
     fresh = tmp_path / "fresh"  # no checkpoint yet: nothing to resume, so the worker count may change
