@@ -1,11 +1,12 @@
 """One jitted generation loop for plain and speculative decoding, entirely inside ``jax.lax.while_loop``.
 
-Each round, the drafter proposes P tokens from the newest token, the target's hidden state that produced it and
-the target's *committed* K/V (never the K/V of rejected drafts: transformers hands its drafter the stale K/V of
-rejected drafts, which changes draft quality from the first partial rejection on). The target then verifies
-the P + 1 positions in one forward; the longest agreeing prefix plus one token of the target's own are kept,
-and the cache advances by exactly that many positions. With P = 0 the same loop is plain decoding.
-Output tokens are the target's exactly: greedy by argmax, sampled by the speculative sampling rule.
+Each round, the drafter (any family: ``mtp.drafter.interface``) proposes P tokens from the newest token, the
+target's state that produced it (the ``Anchor``: last hidden state and the layers the drafter reads, taken from
+the same verification forward) and the target's *committed* K/V (never the K/V of rejected drafts: transformers
+hands its drafter the stale K/V of rejected drafts, which changes draft quality from the first partial rejection
+on). The target then verifies the P + 1 positions in one forward; the longest agreeing prefix plus one token of
+the target's own are kept, and the cache advances by exactly that many positions. With P = 0 the same loop is
+plain decoding. Output tokens are the target's exactly: greedy by argmax, sampled by the speculative sampling rule.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flax import nnx
 from mtp.decoding import sampling as sampling_lib
 from mtp.decoding.sampling import Sampling
 from mtp.drafter.draft import draft
+from mtp.drafter.interface import Anchor
 from mtp.gemma4.cache import KVCache
 from mtp.gemma4.model import drafter_kv_from_cache
 
@@ -47,7 +49,7 @@ class DecodeResult:
 class _State:
     cache: KVCache
     last_token: jax.Array
-    hidden: jax.Array
+    anchor: Anchor
     result: DecodeResult
     done: jax.Array
     keys: jax.Array  # [B] one PRNG stream per row
@@ -126,9 +128,13 @@ def decode_loop(
         max_chunk=draft_len + 1,
         dtype=dtype,
     )
-    out, cache = target(prompts_BL, cache, num_valid_B=lengths_B, return_logits=False, prefill=True, dtype=dtype)
+    layers = drafter.feature_layers if draft_len else ()
+    out, cache = target(
+        prompts_BL, cache, num_valid_B=lengths_B, return_logits=False, prefill=True, feature_layers=layers, dtype=dtype
+    )
     cache = cache.commit(lengths_B)
-    hidden_BD = out.hidden[rows, lengths_B - 1]
+    anchor = Anchor.at(out, lengths_B - 1)
+    hidden_BD = anchor.hidden
     keys_B, first_keys_B = _split(sampling_lib.row_keys(seed, row_ids_B), 2, sampling)
     first_B = _pick(target.logits(hidden_BD[:, None])[:, 0].astype(jnp.float32), sampling, first_keys_B)
     rounds = max_new_tokens
@@ -142,7 +148,7 @@ def decode_loop(
         target_forwards=jnp.zeros((batch,), jnp.int32),
     )
     done = jnp.isin(first_B, stop) | (max_new_tokens <= 1)
-    state = _State(cache, first_B, hidden_BD, result, done, keys_B, jnp.zeros((), jnp.int32))
+    state = _State(cache, first_B, anchor, result, done, keys_B, jnp.zeros((), jnp.int32))
 
     def body(s: _State) -> _State:
         keys_B, draft_keys_B, verify_keys_B = _split(s.keys, 3, sampling)
@@ -152,7 +158,7 @@ def decode_loop(
                 drafter,
                 target,
                 s.last_token,
-                s.hidden,
+                s.anchor,
                 position_B,
                 drafter_kv_from_cache(target.config, s.cache),
                 num_tokens=draft_len,
@@ -165,7 +171,7 @@ def decode_loop(
         else:
             drafts_BP = jnp.zeros((batch, 0), jnp.int32)
         chunk_BT = jnp.concatenate([s.last_token[:, None], drafts_BP], axis=1)
-        out, cache = target(chunk_BT, s.cache, dtype=dtype)
+        out, cache = target(chunk_BT, s.cache, feature_layers=layers, dtype=dtype)
         logits_BTV = out.logits.astype(jnp.float32)
         if sampling.greedy:
             accepted_B, tokens_BT = sampling_lib.verify_greedy(logits_BTV, drafts_BP)
@@ -190,7 +196,7 @@ def decode_loop(
         return _State(
             cache=cache.commit(jnp.where(s.done, 0, accepted_B + 1)),
             last_token=jnp.where(s.done, s.last_token, tokens_BT[rows, accepted_B]),
-            hidden=jnp.where(s.done[:, None], s.hidden, out.hidden[rows, accepted_B]),
+            anchor=s.anchor.keep_where(s.done, Anchor.at(out, accepted_B)),
             result=result,
             done=done,
             keys=keys_B,

@@ -15,10 +15,11 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from mtp.drafter.config import DrafterConfig
+from mtp.drafter.interface import DepthOutput, Draft, DrafterFamily, UnrollInputs, checkpointed, wide
 from mtp.gemma4.attention import attend
 from mtp.gemma4.config import SLIDING
 from mtp.gemma4.layers import RMSNorm, param, rope_inv_freq, rope_tables
-from mtp.gemma4.model import DecoderLayer, LayerKV
+from mtp.gemma4.model import DecoderLayer, Gemma4, LayerKV
 from mtp.sharding import constrain_batch
 
 
@@ -31,18 +32,8 @@ class DrafterOutput:
     projected_BTD: jax.Array
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DrafterFeatures:
-    """The final-normed state ``[B, T, D]`` (the head's input) and the projected state ``[B, T, U]``."""
-
-    normed: jax.Array
-    projected: jax.Array
-
-
-def wide(x: jax.Array) -> jnp.dtype:
-    """Logits accumulate in float32 (or wider): they feed a softmax, and bf16 rounds ±30 in steps of 0.125."""
-    return jnp.promote_types(x.dtype, jnp.float32)
+# The final-normed state ``[B, T, D]`` (the head's input) and the projected state ``[B, T, U]``.
+DrafterFeatures = DepthOutput
 
 
 class TokenOrdering(nnx.Variable):
@@ -69,8 +60,10 @@ def target_kv_mask(
     return mask
 
 
-class Drafter(nnx.Module):
+class Drafter(DrafterFamily):
     """pre_projection -> query-only decoder layers over the target's K/V -> final norm -> (logits, projection)."""
+
+    family = "gemma4"
 
     def __init__(self, config: DrafterConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -181,10 +174,58 @@ class Drafter(nnx.Module):
             return self.full_logits(h_BTD)
         return self.masked_logits(h_BTD, self.embed[...].astype(h_BTD.dtype))
 
-    def full_logits(self, h_BTD: Float[Array, "B T D"], embed_VD: jax.Array | None = None) -> Float[Array, "B T V"]:
-        """The tied head over the whole vocabulary (the masked head keeps these scores for its chosen tokens)."""
-        embed_VD = self.embed[...] if embed_VD is None else embed_VD
-        return jnp.einsum("BTD,VD->BTV", h_BTD, embed_VD.astype(h_BTD.dtype), preferred_element_type=wide(h_BTD))
+    def propose(self, target, token_B, anchor, position_B, target_kv, keys_PB, *, num_tokens, pick, dtype) -> Draft:
+        """Recurrent steps at the constant query position: step j feeds ``(embed(tok_j), h_j)``, ``h_{j+1}`` its
+        projected state; ``h_0`` is the target's last hidden state."""
+        positions_B1 = position_B[:, None]
+
+        def step(carry, keys_B):
+            token_B, hidden_BU = carry
+            out = self(target.embed_tokens(token_B[:, None]), hidden_BU[:, None], positions_B1, target_kv, dtype=dtype)
+            logits_BV = out.logits_BTV[:, 0]
+            next_B = pick(logits_BV, keys_B)
+            return (next_B, out.projected_BTD[:, 0]), (next_B, logits_BV)
+
+        _, (tokens_PB, logits_PBV) = jax.lax.scan(step, (token_B, anchor.hidden), keys_PB, length=num_tokens)
+        return Draft(tokens_BP=tokens_PB.T, logits_BPV=jnp.swapaxes(logits_PBV, 0, 1))
+
+    def unroll(self, target: Gemma4, inputs: UnrollInputs, *, dtype: jnp.dtype, remat: str) -> list[DepthOutput]:
+        """Depth 0 reads (embed(x_p), h_{p-1}); depth j the embedding of x_{p+j} and depth j-1's projected state."""
+
+        def features(drafter, embed_BTD, state_BTD):
+            return drafter.features(
+                embed_BTD,
+                state_BTD,
+                inputs.positions_BT,
+                inputs.target_kv,
+                segments_BT=inputs.segments_BT,
+                key_segments_BS=inputs.key_segments_BS,
+                dtype=dtype,
+                remat_layers=remat == "layer",
+            )
+
+        run = checkpointed(self, features, remat == "depth")
+        out, state_BTD = [], inputs.anchor.hidden
+        for embed_BTD in inputs.embed_PBTD:
+            out.append(run(embed_BTD, state_BTD))
+            state_BTD = out[-1].projected
+        return out
+
+    def drafted_tokens(self, h_BTD: jax.Array, logits_BTV: jax.Array) -> jax.Array:
+        """The tied head's argmax, or (centroid head) the argmax over the tokens of its top clusters, as
+        ``masked_logits`` proposes them, from the full logits."""
+        if self.centroids is None:
+            return jnp.argmax(logits_BTV, axis=-1)
+        batch, length, _ = h_BTD.shape
+        _, top_BTJ = jax.lax.top_k(self.centroid_scores(h_BTD), self.config.centroid_intermediate_top_k)
+        ids_BTM = self.token_ordering[...].reshape(self.config.num_centroids, -1)[top_BTJ].reshape(batch, length, -1)
+        best_BT1 = jnp.argmax(jnp.take_along_axis(logits_BTV, ids_BTM, axis=-1), axis=-1, keepdims=True)
+        return jnp.take_along_axis(ids_BTM, best_BT1, axis=-1)[..., 0]
+
+    def head_clusters(self, h_BTD: jax.Array) -> tuple[jax.Array, jax.Array, int] | None:
+        if self.centroids is None:
+            return None
+        return self.centroid_scores(h_BTD), self.token_ordering[...], self.config.centroid_intermediate_top_k
 
     def centroid_scores(self, h_BTD: Float[Array, "B T D"]) -> Float[Array, "B T C"]:
         return jnp.einsum("BTD,DC->BTC", h_BTD, self.centroids[...].astype(h_BTD.dtype))

@@ -31,11 +31,13 @@ class LayerKV:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TargetOutput:
-    """Logits (soft-capped), last hidden state after the final norm, and the drafter-facing K/V per layer type."""
+    """Logits (soft-capped), last hidden state after the final norm, the drafter-facing K/V per layer type, and
+    (``feature_layers``) the residual stream after each chosen layer ``[B, T, L, D]``."""
 
     logits: jax.Array | None
     hidden: jax.Array
     drafter_kv: dict[str, LayerKV]
+    features: jax.Array | None = None
 
 
 def drafter_kv_from_cache(config: Gemma4Config, cache: KVCache) -> dict[str, LayerKV]:
@@ -176,12 +178,14 @@ class Gemma4(nnx.Module):
         ple_BTLG: jax.Array | None,
         rope: dict,
         masks: dict,
-    ) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
+        feature_layers: tuple[int, ...] = (),
+    ) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]], jax.Array]:
         """The cache-less forward as one ``lax.scan`` per run of repeating layers (``layer_groups``).
 
         Each step picks its layers' parameters with ``lax.switch``, so the parameters keep their per-layer layout
         (checkpoints, sharding) while XLA compiles one period of layers and keeps one period's temporaries alive.
-        Returns the final state and the K/V ``[B, K, T, H]`` of the last owning layer of each type (the producers).
+        Returns the final state, the K/V ``[B, K, T, H]`` of the last owning layer of each type (the producers) and
+        the state after each of ``feature_layers`` ``[L, B, T, D]`` (kept in the carry: one state per chosen layer).
         """
         config = self.config
         batch, length, _ = x_BTD.shape
@@ -189,6 +193,7 @@ class Gemma4(nnx.Module):
             t: (jnp.zeros((batch, config.kv_heads(t), length, config.head_dim_of(t)), x_BTD.dtype),) * 2
             for t in ATTENTION_TYPES
         }
+        features_LBTD = jnp.zeros((len(feature_layers), *x_BTD.shape), x_BTD.dtype)
         for start, period, count in layer_groups(config):
             graphs = [nnx.split(self.layers[start + r])[0] for r in range(period)]
             states = [[nnx.split(self.layers[start + g * period + r])[1] for g in range(count)] for r in range(period)]
@@ -197,8 +202,8 @@ class Gemma4(nnx.Module):
                 ple_BTGPd = ple_BTLG[:, :, start : start + count * period].reshape(batch, length, count, period, -1)
                 ple_GBTPd = jnp.moveaxis(ple_BTGPd, 2, 0)
 
-            def one_period(carry, xs, start=start, period=period, graphs=graphs, states=states):
-                x_BTD, kv = carry
+            def one_period(carry, xs, start=start, period=period, count=count, graphs=graphs, states=states):
+                x_BTD, kv, features_LBTD = carry
                 g, ple_BTPd = xs
                 for r in range(period):
                     i, layer_type = start + r, config.layer_types[start + r]
@@ -213,10 +218,16 @@ class Gemma4(nnx.Module):
                     x_BTD = layer.attend_and_feed(
                         x_BTD, h_BTD, rope[layer_type], kv_blocks, ple_BTG, config.attention_impl
                     )
-                return (x_BTD, kv), None
+                    for f, chosen in enumerate(feature_layers):
+                        if start <= chosen < start + count * period and (chosen - start) % period == r:
+                            keep = g == (chosen - start) // period
+                            features_LBTD = features_LBTD.at[f].set(jnp.where(keep, x_BTD, features_LBTD[f]))
+                return (x_BTD, kv, features_LBTD), None
 
-            (x_BTD, kv), _ = jax.lax.scan(one_period, (x_BTD, kv), (jnp.arange(count), ple_GBTPd))
-        return x_BTD, kv
+            (x_BTD, kv, features_LBTD), _ = jax.lax.scan(
+                one_period, (x_BTD, kv, features_LBTD), (jnp.arange(count), ple_GBTPd)
+            )
+        return x_BTD, kv, features_LBTD
 
     def __call__(
         self,
@@ -228,6 +239,7 @@ class Gemma4(nnx.Module):
         segments_BT: Int[Array, "B T"] | None = None,
         return_logits: bool = True,
         prefill: bool = False,
+        feature_layers: tuple[int, ...] = (),
         dtype: jnp.dtype = jnp.float32,
     ) -> tuple[TargetOutput, KVCache | None]:
         """Runs T new tokens per row.
@@ -237,8 +249,12 @@ class Gemma4(nnx.Module):
         Without a cache: one causal forward over the sequence (``positions_BT`` and ``segments_BT`` for packed
         documents), returning every token's K/V for the drafter. ``prefill=True`` promises an empty cache: the
         tokens attend only to each other (no work, and nothing for XLA to constant-fold, on the empty cache).
+        ``feature_layers`` (static): layers whose output (the residual stream) ``TargetOutput.features`` returns,
+        from this same forward (EAGLE-style drafters fuse them).
         """
         config = self.config
+        if bad := [i for i in feature_layers if not 0 <= i < config.num_layers]:
+            raise ValueError(f"feature_layers {bad} are outside the target's {config.num_layers} layers.")
         batch, length = tokens_BT.shape
         index_T = jnp.arange(length, dtype=jnp.int32)
         if cache is not None:
@@ -267,9 +283,12 @@ class Gemma4(nnx.Module):
                 new_slot_positions[layer_type] = cache_lib.scatter_BS(slot_pos_BS, positions_BT, slots[layer_type])
 
         blocks: dict[int, list[tuple[jax.Array, jax.Array]]] = {}
-        new_keys, new_values = [], []
+        new_keys, new_values, features = [], [], {}
         if cache is None:  # one pass over the sequence: the layers scanned, in groups of same-shaped layers
-            x_BTD, producer_kv = self.scanned_layers(x_BTD, ple_BTLG, rope, {t: m[0] for t, m in masks.items()})
+            x_BTD, producer_kv, features_LBTD = self.scanned_layers(
+                x_BTD, ple_BTLG, rope, {t: m[0] for t, m in masks.items()}, feature_layers
+            )
+            features = dict(zip(feature_layers, features_LBTD, strict=True))
             blocks = {config.producer_layers[t]: [kv] for t, kv in producer_kv.items()}
         for i, layer in enumerate(self.layers if cache is not None else []):
             layer_type = config.layer_types[i]
@@ -289,6 +308,8 @@ class Gemma4(nnx.Module):
             kv_blocks = [(k, v, m) for (k, v), m in zip(kv, masks[layer_type], strict=True)]
             ple_BTG = None if ple_BTLG is None else ple_BTLG[:, :, i]
             x_BTD = layer.attend_and_feed(x_BTD, h_BTD, rope[layer_type], kv_blocks, ple_BTG, config.attention_impl)
+            if i in feature_layers:
+                features[i] = x_BTD
 
         hidden_BTD = self.final_norm(x_BTD)
         if cache is not None:
@@ -301,4 +322,5 @@ class Gemma4(nnx.Module):
             token_positions_BT = jnp.where(valid_BT, positions_BT, -1)
             drafter_kv = {t: LayerKV(*blocks[i][-1], token_positions_BT) for t, i in config.producer_layers.items()}
         logits = self.logits(hidden_BTD) if return_logits else None
-        return TargetOutput(logits=logits, hidden=hidden_BTD, drafter_kv=drafter_kv), cache
+        features_BTLD = jnp.stack([features[i] for i in feature_layers], axis=2) if feature_layers else None
+        return TargetOutput(logits=logits, hidden=hidden_BTD, drafter_kv=drafter_kv, features=features_BTLD), cache

@@ -1,10 +1,11 @@
-"""The distillation loss: the drafter unrolled K depths against a frozen target, exactly as at inference.
+"""The distillation loss: any drafter family unrolled K depths against a frozen target, exactly as at inference.
 
 Anchor p (every position at once): the target has processed x_0..x_{p-1}; the newest token x_p is not yet in its
-cache. Depth 0 reads (embed(x_p), h_{p-1}) at position p and attends to target K/V at positions < p; depth j reads
-(embed(x_{p+j}), the drafter's own projected state from depth j-1) at the same position p and predicts x_{p+j+1},
-whose teacher distribution is the target's at position p+j. The vocabulary projection runs in sequence chunks
-under remat, so [B, T, V] logits never exist for all depths at once.
+cache. Depth j predicts x_{p+j+1}, whose teacher distribution is the target's at position p+j; how the drafter
+gets there is its family's ``unroll`` (``mtp.drafter.interface``): the Gemma 4 drafter reads (embed(x_{p+j}), its
+own projected state) over the target's K/V at positions < p, Medusa's head j reads h_{p-1}, EAGLE-3 feeds its own
+features back. The vocabulary projection runs in sequence chunks under remat, so [B, T, V] logits never exist for
+all depths at once.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from mtp.drafter.model import DrafterFeatures
+from mtp.drafter.interface import Anchor, DepthOutput, DrafterFamily, UnrollInputs
 from mtp.gemma4.model import Gemma4, TargetOutput
 from mtp.sharding import constrain_replicated
 from mtp.training.centroids import centroid_loss
@@ -54,13 +54,15 @@ def shift(x_BT: jax.Array, offset: int, fill=0) -> jax.Array:
     return jnp.concatenate([pad, x_BT[:, :offset]], axis=1)
 
 
-def frozen_target(target: Gemma4, batch: dict, dtype: jnp.dtype) -> TargetOutput:
-    """The target's hidden states and drafter-facing K/V for the whole packed sequence; never differentiated."""
+def frozen_target(target: Gemma4, batch: dict, dtype: jnp.dtype, feature_layers: tuple[int, ...] = ()) -> TargetOutput:
+    """The target's hidden states, drafter-facing K/V and (``feature_layers``: the drafter's) chosen layers' states
+    for the whole packed sequence; never differentiated."""
     out, _ = target(
         batch["tokens"],
         positions_BT=batch["positions"],
         segments_BT=batch["segment_ids"],
         return_logits=False,
+        feature_layers=tuple(feature_layers),
         dtype=dtype,
     )
     return jax.lax.stop_gradient(out)
@@ -78,29 +80,23 @@ def divergence(teacher_logits: jax.Array, student_logits: jax.Array, kind: str) 
     return loss
 
 
-def drafted_tokens(drafter: nnx.Module, h_BTD: jax.Array, logits_BTV: jax.Array) -> jax.Array:
-    """The greedy draft of the head the drafter drafts with: the tied head's argmax, or (centroid head) the argmax
-    over the tokens of its top clusters, as ``Drafter.masked_logits`` proposes them, from the full logits."""
-    if drafter.centroids is None:
-        return jnp.argmax(logits_BTV, axis=-1)
-    batch, length, _ = h_BTD.shape
-    _, top_BTJ = jax.lax.top_k(drafter.centroid_scores(h_BTD), drafter.config.centroid_intermediate_top_k)
-    ids_BTM = drafter.token_ordering[...].reshape(drafter.config.num_centroids, -1)[top_BTJ].reshape(batch, length, -1)
-    best_BT1 = jnp.argmax(jnp.take_along_axis(logits_BTV, ids_BTM, axis=-1), axis=-1, keepdims=True)
-    return jnp.take_along_axis(ids_BTM, best_BT1, axis=-1)[..., 0]
+def drafted_tokens(drafter: DrafterFamily, h_BTD: jax.Array, logits_BTV: jax.Array) -> jax.Array:
+    """The greedy draft of the head the drafter drafts with, from its full logits (``drafted_tokens``)."""
+    return drafter.drafted_tokens(h_BTD, logits_BTV)
 
 
-def centroid_head_loss(drafter: nnx.Module, h_BTD: jax.Array, teacher_BTV: jax.Array, mask_BT: jax.Array):
+def centroid_head_loss(drafter: DrafterFamily, h_BTD: jax.Array, teacher_BTV: jax.Array, mask_BT: jax.Array):
     """Σ centroid loss and Σ coverage of the target's argmax (a plain head: nothing to learn, all covered)."""
-    if drafter.centroids is None:
+    clusters = drafter.head_clusters(h_BTD)
+    if clusters is None:
         return jnp.zeros((), jnp.float32), jnp.sum(mask_BT.astype(jnp.float32))
-    top_k = drafter.config.centroid_intermediate_top_k
-    return centroid_loss(drafter.centroid_scores(h_BTD), teacher_BTV, drafter.token_ordering[...], top_k, mask_BT)
+    scores_BTC, ordering_V, top_k = clusters
+    return centroid_loss(scores_BTC, teacher_BTV, ordering_V, top_k, mask_BT)
 
 
 def chunked_depth_loss(
     target: Gemma4,
-    drafter: nnx.Module,
+    drafter: DrafterFamily,
     teacher_h_PBTD,
     student_h_PBTE,
     mask_PBT,
@@ -151,7 +147,7 @@ class Depth:
     that x_{p+j+1} exists in p's document and is a trained (model-turn) token.
     """
 
-    features: DrafterFeatures
+    features: DepthOutput
     teacher_hidden_BTD: jax.Array
     valid_BT: jax.Array
 
@@ -160,7 +156,7 @@ def depth_inputs(
     target: Gemma4, target_out: TargetOutput, batch: dict, depth: int, dtype: jnp.dtype
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Per depth j at every anchor p: the embedding of x_{p+j}, the teacher's h_{p+j}, whether x_{p+j+1} is trained;
-    and the first state h_{p-1}. Everything after this is independent per anchor, so it may run in sequence chunks."""
+    and the anchor (the target at p-1). Everything after this is independent per anchor, so it may run in chunks."""
     positions, segments = batch["positions"], batch["segment_ids"]
     loss_mask = batch["loss_mask"].astype(bool)
     anchor_ok = (positions > 0) & (segments > 0)  # depth 0 needs a previous position in the same document
@@ -172,49 +168,24 @@ def depth_inputs(
         valids.append(anchor_ok & same_doc & (shift(segments, j + 1) == segments) & shift(loss_mask, j + 1, False))
         embeds.append(shift(tokens_BTD, j))  # = the embedding of x_{p+j} wherever depth j is trained
         teachers.append(shift(target_out.hidden, j))
-    return jnp.stack(embeds), jnp.stack(teachers), jnp.stack(valids), shift(target_out.hidden, -1)
+    features = None if target_out.features is None else shift(target_out.features, -1)
+    anchor = Anchor(shift(target_out.hidden, -1), features)
+    return jnp.stack(embeds), jnp.stack(teachers), jnp.stack(valids), anchor
 
 
-def run_depths(
-    drafter: nnx.Module,
-    embed_PBTD,
-    state_BTD,
-    positions_BT,
-    segments_BT,
-    target_out: TargetOutput,
-    key_segments_BS,
-    dtype: jnp.dtype,
-    remat: str,
-) -> list[DrafterFeatures]:
-    """The drafter's draft steps, each fed the previous one's projected state (remat: see ``REMAT``)."""
-
-    graph, params = nnx.split(drafter)
-
-    def features(params, embed_BTD, state_BTD, positions, kv, segments, key_segments):
-        return nnx.merge(graph, params).features(
-            embed_BTD,
-            state_BTD,
-            positions,
-            kv,
-            segments_BT=segments,
-            key_segments_BS=key_segments,
-            dtype=dtype,
-            remat_layers=remat == "layer",
+def check_features(drafter: DrafterFamily, target_out: TargetOutput) -> None:
+    """The drafter's feature layers must come from the same forward (``frozen_target(..., feature_layers)``)."""
+    wanted = len(drafter.feature_layers)
+    got = 0 if target_out.features is None else target_out.features.shape[2]
+    if wanted != got:
+        raise ValueError(
+            f"the {drafter.family} drafter reads target layers {drafter.feature_layers} but the target output holds "
+            f"{got} feature layers; call frozen_target(target, batch, dtype, drafter.feature_layers)."
         )
-
-    if remat == "depth":  # the backward pass keeps each depth's inputs only, and recomputes the depth
-        features = jax.checkpoint(features)
-    out = []
-    for embed_BTD in embed_PBTD:
-        out.append(
-            features(params, embed_BTD, state_BTD, positions_BT, target_out.drafter_kv, segments_BT, key_segments_BS)
-        )
-        state_BTD = out[-1].projected
-    return out
 
 
 def unroll(
-    drafter: nnx.Module,
+    drafter: DrafterFamily,
     target: Gemma4,
     target_out: TargetOutput,
     batch: dict,
@@ -223,16 +194,16 @@ def unroll(
     remat: str = "none",
 ) -> list[Depth]:
     """The drafter's first ``depth`` draft steps at every anchor of a teacher-forced packed batch."""
-    embed_PBTD, teacher_PBTD, valid_PBT, state_BTD = depth_inputs(target, target_out, batch, depth, dtype)
+    check_features(drafter, target_out)
+    embed_PBTD, teacher_PBTD, valid_PBT, anchor = depth_inputs(target, target_out, batch, depth, dtype)
     segments = batch["segment_ids"]
-    features = run_depths(
-        drafter, embed_PBTD, state_BTD, batch["positions"], segments, target_out, segments, dtype, remat
-    )
+    inputs = UnrollInputs(embed_PBTD, anchor, batch["positions"], segments, target_out.drafter_kv, segments)
+    features = drafter.unroll(target, inputs, dtype=dtype, remat=remat)
     return [Depth(f, t, v) for f, t, v in zip(features, teacher_PBTD, valid_PBT, strict=True)]
 
 
 def distill_loss(
-    drafter: nnx.Module,
+    drafter: DrafterFamily,
     target: Gemma4,
     target_out: TargetOutput,
     batch: dict,
@@ -244,18 +215,23 @@ def distill_loss(
     With ``seq_chunk``, anchors run in chunks of that many positions under remat: the drafter's activations and
     logits exist for one chunk at a time (every anchor reads only the target's K/V, never another anchor).
     """
+    check_features(drafter, target_out)
+    if config.depth > drafter.config.max_draft_len:
+        raise ValueError(f"loss.depth={config.depth} > the drafter's max_draft_len={drafter.config.max_draft_len}.")
     # One gathered copy of each vocabulary table for every depth's projection (else XLA may hold one per depth).
-    tables = (constrain_replicated(target.embed[...].astype(dtype)), constrain_replicated(drafter.embed[...]))
-    embed_PBTD, teacher_PBTD, valid_PBT, state_BTD = depth_inputs(target, target_out, batch, config.depth, dtype)
+    tables = (
+        constrain_replicated(target.embed[...].astype(dtype)),
+        constrain_replicated(drafter.vocab_table(target)),
+    )
+    embed_PBTD, teacher_PBTD, valid_PBT, anchor = depth_inputs(target, target_out, batch, config.depth, dtype)
     positions, segments = batch["positions"], batch["segment_ids"]
     length = positions.shape[1]
     chunk = config.seq_chunk if config.seq_chunk and length % config.seq_chunk == 0 else length
 
     def one_chunk(sums, xs):
-        embed_PBtD, teacher_PBtD, valid_PBt, state_BtD, positions_Bt, segments_Bt = xs
-        features = run_depths(
-            drafter, embed_PBtD, state_BtD, positions_Bt, segments_Bt, target_out, segments, dtype, config.remat
-        )
+        embed_PBtD, teacher_PBtD, valid_PBt, anchor_Bt, positions_Bt, segments_Bt = xs
+        inputs = UnrollInputs(embed_PBtD, anchor_Bt, positions_Bt, segments_Bt, target_out.drafter_kv, segments)
+        features = drafter.unroll(target, inputs, dtype=dtype, remat=config.remat)
         normed_PBtE = jnp.stack([f.normed for f in features])
         new = chunked_depth_loss(target, drafter, teacher_PBtD, normed_PBtE, valid_PBt, config, tables)
         return jax.tree.map(jnp.add, sums, new), None
@@ -268,7 +244,7 @@ def distill_loss(
         split(embed_PBTD, 2),
         split(teacher_PBTD, 2),
         split(valid_PBT, 2),
-        split(state_BTD, 1),
+        jax.tree.map(lambda x: split(x, 1), anchor),
         split(positions, 1),
         split(segments, 1),
     )

@@ -24,6 +24,11 @@ def step_metrics(loss: jax.Array, metrics: dict, batch: dict) -> dict:
     }
 
 
+def feature_layers(drafter_graph: nnx.GraphDef, state: TrainState) -> tuple[int, ...]:
+    """The target layers the drafter reads (static: part of its config), for the target's one forward."""
+    return nnx.merge(drafter_graph, state.params, state.extra).feature_layers
+
+
 def loss_and_metrics(params, extra, drafter_graph, target, target_out, batch, loss_config, dtype):
     drafter = nnx.merge(drafter_graph, params, extra)
     return distill_loss(drafter, target, target_out, batch, loss_config, dtype)
@@ -43,7 +48,7 @@ def train_step(
 ) -> tuple[TrainState, dict]:
     """One optimizer step. ``target_state`` is an input only: never donated, differentiated or returned."""
     target = nnx.merge(target_graph, target_state)
-    target_out = frozen_target(target, batch, dtype)
+    target_out = frozen_target(target, batch, dtype, feature_layers(drafter_graph, state))
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
     (loss, metrics), grads = grad_fn(
         state.params, state.extra, drafter_graph, target, target_out, batch, loss_config, dtype
@@ -76,7 +81,7 @@ def eval_step(
     dtype: jnp.dtype,
 ) -> dict:
     target = nnx.merge(target_graph, target_state)
-    target_out = frozen_target(target, batch, dtype)
+    target_out = frozen_target(target, batch, dtype, feature_layers(drafter_graph, state))
     loss, metrics = loss_and_metrics(
         state.params, state.extra, drafter_graph, target, target_out, batch, loss_config, dtype
     )
