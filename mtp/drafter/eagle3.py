@@ -111,7 +111,7 @@ class Eagle3(DrafterFamily):
         f_BTLU = rms_norm(anchor.features.astype(dtype), None, self.config.rms_norm_eps).astype(dtype)
         return jnp.einsum("BTI,ID->BTD", f_BTLU.reshape(*f_BTLU.shape[:2], -1), self.fuse[...].astype(dtype))
 
-    def step(self, embed_BTU, feature_BTD, positions_BT, keys_BTPKH, values_BTPKH, j: int):
+    def step(self, embed_BTU, feature_BTD, positions_BT, keys_BTPKH, values_BTPKH, j: int | jax.Array):
         """Draft step j at every anchor: writes its K/V at slot j of the round's cache, attends slots 0..j.
 
         Returns the layer's output (the next step's feature), the head's input and the updated K/V.
@@ -145,17 +145,21 @@ class Eagle3(DrafterFamily):
     def propose(self, target, token_B, anchor, position_B, target_kv, keys_PB, *, num_tokens, pick, dtype) -> Draft:
         feature_B1D = self.fused(jax.tree.map(lambda x: x[:, None], anchor), dtype)
         kv = self.empty_kv(token_B.shape[0], 1, num_tokens, dtype)
-        carry, tokens, logits = (token_B, feature_B1D, kv, kv), [], []
-        for j in range(num_tokens):  # a Python loop: step j's cache slot and mask are static
+
+        def one(carry, xs):
             token_B, feature_B1D, keys, values = carry
+            j, keys_B = xs
             embed_B1U = target.embed_tokens(token_B[:, None]).astype(dtype)
             feature_B1D, h_B1D, keys, values = self.step(
                 embed_B1U, feature_B1D, (position_B + j)[:, None], keys, values, j
             )
-            logits.append(self.full_logits(h_B1D)[:, 0])
-            tokens.append(pick(logits[-1], None if keys_PB is None else keys_PB[j]))
-            carry = (tokens[-1], feature_B1D, keys, values)
-        return Draft(tokens_BP=jnp.stack(tokens, axis=1), logits_BPV=jnp.stack(logits, axis=1))
+            logits_BV = self.full_logits(h_B1D)[:, 0]
+            next_B = pick(logits_BV, keys_B)
+            return (next_B, feature_B1D, keys, values), (next_B, logits_BV)
+
+        steps = jnp.arange(num_tokens)
+        _, (tokens_PB, logits_PBV) = jax.lax.scan(one, (token_B, feature_B1D, kv, kv), (steps, keys_PB))
+        return Draft(tokens_BP=tokens_PB.T, logits_BPV=jnp.swapaxes(logits_PBV, 0, 1))
 
     def unroll(self, target: Gemma4, inputs: UnrollInputs, *, dtype: jnp.dtype, remat: str) -> list[DepthOutput]:
         """Training-time test: every depth at every anchor, fed the true tokens and the previous depth's output."""

@@ -25,8 +25,9 @@ def projected_table(target: Gemma4, width: int, seed: int) -> np.ndarray:
     """A random orthonormal projection of the target's embedding to ``width``, rows of RMS ``width**-0.5``: similar
     tokens start with similar head rows."""
     table = np.asarray(target.embed[...], np.float32)
-    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(table.shape[1], width)))
-    rows = table @ q
+    backbone = table.shape[1]
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(max(backbone, width), min(backbone, width))))
+    rows = table @ (q if backbone >= width else q.T)
     return rows * width**-0.5 / np.sqrt(np.mean(rows**2))
 
 
