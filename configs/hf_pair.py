@@ -10,6 +10,8 @@ target's tokenizer and chat template) or ``prompt`` (one text prompt). Runs in s
 
 import ml_collections
 
+from mtp.data.tokenizer import GEMMA4_STOP_TOKENS
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
@@ -24,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.top_p = 1.0
     config.max_new_tokens = 64
     config.batch_size = 1
-    config.stop_tokens = (1, 106)
+    config.stop_tokens = GEMMA4_STOP_TOKENS
     config.max_cache_len = 0  # 0: sized from the longest prompt
     config.seed = 0
     config.output = ""

@@ -31,6 +31,8 @@ GEMMA4_SPECIAL_TOKENS: dict[int, str] = {
     105: "<|turn>",
     106: "<turn|>",
 }
+# Generation ends at end of text or at the end of the model's turn (the -it checkpoints' eos_token_id [1, 106]).
+GEMMA4_STOP_TOKENS: tuple[int, ...] = tuple(i for i, t in GEMMA4_SPECIAL_TOKENS.items() if t in ("<eos>", "<turn|>"))
 NUM_CONTROL_IDS = max(GEMMA4_SPECIAL_TOKENS) + 1  # ids below this are control tokens in the tiny tokenizer
 _BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 

@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtp.data.tokenizer import GEMMA4_STOP_TOKENS
 from mtp.decoding.engine import DecodeResult, decode_loop, stop_token_array
 from mtp.decoding.sampling import Sampling
 from mtp.errors import UserError
 from mtp.gemma4.model import Gemma4
 
-GEMMA4_STOP_TOKENS = (1, 106)
-GREEDY = Sampling()  # EOS ends text; <end_of_turn> (106) ends a chat turn.
+GREEDY = Sampling()
 
 
 class DecodeInputError(UserError):

@@ -7,6 +7,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+from mtp.data.tokenizer import GEMMA4_STOP_TOKENS
 from mtp.errors import UserError
 
 SLIDING = "sliding_attention"
@@ -55,7 +56,7 @@ class Gemma4Config:
     top_k_experts: int = 0
     moe_intermediate_size: int = 0
     bos_token_id: int = 2
-    eos_token_ids: tuple[int, ...] = (1, 106)
+    eos_token_ids: tuple[int, ...] = GEMMA4_STOP_TOKENS
     pad_token_id: int = 0
     attention_impl: str = "auto"  # ours, not HF's: see ``mtp.gemma4.attention.attend``
 

@@ -21,9 +21,9 @@ from configs import hf_pair
 from mtp.checkpoint import load_target
 from mtp.checkpoint.hf_drafter import save_drafter
 from mtp.data.chat import ChatTemplate
-from mtp.data.tokenizer import TokenizerError, load_tokenizer
+from mtp.data.tokenizer import GEMMA4_STOP_TOKENS, TokenizerError, load_tokenizer
 from mtp.decoding import cli
-from mtp.decoding.generate import GEMMA4_STOP_TOKENS, DecodeInputError
+from mtp.decoding.generate import DecodeInputError
 from mtp.drafter.config import DrafterConfigError
 from tests import hf_oracle
 from tests.decoding.drafters import copy_drafter
