@@ -13,14 +13,11 @@ from mtp.gemma4.config import (
     SLIDING,
     ConfigError,
     Gemma4Config,
-    RopeConfig,
+    KVGeometry,
     decoder_fields_to_hf,
 )
 
 MODEL_TYPE = "gemma4_assistant"
-# transformers' defaults (Gemma4TextConfig), as in ``Gemma4Config``.
-ROPE_SLIDING = RopeConfig(theta=10_000.0)
-ROPE_FULL = RopeConfig(theta=1_000_000.0, rotary_fraction=0.25)
 ARCHITECTURE = "Gemma4AssistantForCausalLM"
 
 
@@ -29,10 +26,10 @@ class DrafterConfigError(ConfigError):
 
 
 @dataclasses.dataclass(frozen=True)
-class DrafterConfig:
+class DrafterConfig(KVGeometry):
     """Everything that shapes a Gemma 4 MTP drafter (HF ``Gemma4AssistantConfig`` + its ``text_config``).
 
-    Head dims, KV heads, RoPE and window describe the target's K/V the drafter reads, so they must equal the
+    Its ``KVGeometry`` (keyword-only fields) is that of the target's K/V the drafter reads, so it must equal the
     target's (``validate_against``). ``final_logit_softcapping`` is only carried through config.json: the HF
     assistant never applies it, and neither do we. ``max_draft_len`` is ours (HF files do not store it).
     """
@@ -42,16 +39,8 @@ class DrafterConfig:
     num_heads: int
     intermediate_size: int
     layer_types: tuple[str, ...]
-    sliding_window: int
-    head_dim: int
-    global_head_dim: int
-    num_kv_heads: int
     backbone_hidden_size: int
     vocab_size: int
-    num_global_kv_heads: int | None = None
-    attention_k_eq_v: bool = False
-    rope_sliding: RopeConfig = ROPE_SLIDING
-    rope_full: RopeConfig = ROPE_FULL
     rms_norm_eps: float = 1e-6
     use_ordered_embeddings: bool = False
     num_centroids: int = 2048
@@ -108,14 +97,7 @@ class DrafterConfig:
             num_heads=num_heads or target.num_heads,
             intermediate_size=intermediate_size or 4 * hidden_size,
             layer_types=tuple(layer_types or (SLIDING,) * (num_layers - 1) + (FULL,)),
-            sliding_window=target.sliding_window,
-            head_dim=target.head_dim,
-            global_head_dim=target.global_head_dim,
-            num_kv_heads=target.num_kv_heads,
-            num_global_kv_heads=target.num_global_kv_heads,
-            attention_k_eq_v=target.attention_k_eq_v,
-            rope_sliding=target.rope_sliding,
-            rope_full=target.rope_full,
+            **vars(target.kv_geometry),
             rms_norm_eps=target.rms_norm_eps,
             backbone_hidden_size=target.hidden_size,
             vocab_size=target.vocab_size,
@@ -128,17 +110,6 @@ class DrafterConfig:
     def attention_types(self) -> tuple[str, ...]:
         """The attention types the drafter's layers use, sliding first."""
         return tuple(t for t in ATTENTION_TYPES if t in self.layer_types)
-
-    def head_dim_of(self, layer_type: str) -> int:
-        return self.global_head_dim if layer_type == FULL else self.head_dim
-
-    def kv_heads(self, layer_type: str) -> int:
-        if layer_type == FULL and self.attention_k_eq_v and self.num_global_kv_heads:
-            return self.num_global_kv_heads
-        return self.num_kv_heads
-
-    def rope(self, layer_type: str) -> RopeConfig:
-        return self.rope_full if layer_type == FULL else self.rope_sliding
 
     # The decoder-layer interface of ``Gemma4Config`` (``DecoderLayer``, ``decoder_layer_layouts``): every drafter
     # layer reads shared K/V, has a plain MLP, no experts and no per-layer embeddings.
@@ -213,7 +184,7 @@ def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json", ma
             f"{source}: model_type is {model_type!r}; a Gemma 4 MTP drafter has model_type {MODEL_TYPE!r} "
             "(targets, 'gemma4' / 'gemma4_text', load with mtp.gemma4)."
         )
-    if unknown := sorted(set(config) - _TOP_LEVEL_KEYS - target_config_lib._IGNORED_TEXT_KEYS):
+    if unknown := sorted(set(config) - _TOP_LEVEL_KEYS - target_config_lib.IGNORED_TEXT_KEYS):
         raise DrafterConfigError(f"{source}: unsupported assistant config keys {unknown}; mtp would ignore them.")
     if not config.get("tie_word_embeddings", True):
         raise DrafterConfigError(f"{source}: tie_word_embeddings=False is not supported (the assistant ties them).")
@@ -239,14 +210,7 @@ def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json", ma
             num_heads=parsed.num_heads,
             intermediate_size=parsed.intermediate_size,
             layer_types=parsed.layer_types,
-            sliding_window=parsed.sliding_window,
-            head_dim=parsed.head_dim,
-            global_head_dim=parsed.global_head_dim,
-            num_kv_heads=parsed.num_kv_heads,
-            num_global_kv_heads=parsed.num_global_kv_heads,
-            attention_k_eq_v=parsed.attention_k_eq_v,
-            rope_sliding=parsed.rope_sliding,
-            rope_full=parsed.rope_full,
+            **vars(parsed.kv_geometry),
             rms_norm_eps=parsed.rms_norm_eps,
             backbone_hidden_size=int(config.get("backbone_hidden_size", 1536)),
             vocab_size=parsed.vocab_size,

@@ -28,24 +28,54 @@ class RopeConfig:
     factor: float = 1.0
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KVGeometry:
+    """The keys and values of each attention type: KV heads, head dim, RoPE, window.
+
+    A Gemma 4 target's layers write K/V of this shape and its MTP drafter's layers read them, so both configs are
+    a ``KVGeometry`` (fields and per-type accessors declared here once) and a drafter fits a target when their
+    geometries agree on the attention types it uses (``DrafterConfig.validate_against``).
+    """
+
+    head_dim: int
+    global_head_dim: int
+    num_kv_heads: int
+    num_global_kv_heads: int | None = None
+    attention_k_eq_v: bool = False
+    sliding_window: int
+    rope_sliding: RopeConfig = RopeConfig(theta=10_000.0)
+    rope_full: RopeConfig = RopeConfig(theta=1_000_000.0, rotary_fraction=0.25)
+
+    @property
+    def kv_geometry(self) -> KVGeometry:
+        """The geometry alone (of a target or a drafter config), e.g. to compare two of them."""
+        return KVGeometry(**{f.name: getattr(self, f.name) for f in dataclasses.fields(KVGeometry)})
+
+    def head_dim_of(self, layer_type: str) -> int:
+        return self.global_head_dim if layer_type == FULL else self.head_dim
+
+    def kv_heads(self, layer_type: str) -> int:
+        if layer_type == FULL and self.attention_k_eq_v and self.num_global_kv_heads:
+            return self.num_global_kv_heads
+        return self.num_kv_heads
+
+    def rope(self, layer_type: str) -> RopeConfig:
+        return self.rope_full if layer_type == FULL else self.rope_sliding
+
+
 @dataclasses.dataclass(frozen=True)
-class Gemma4Config:
-    """Everything that shapes a Gemma 4 text decoder (names follow HF ``Gemma4TextConfig`` where sensible)."""
+class Gemma4Config(KVGeometry):
+    """Everything that shapes a Gemma 4 text decoder (names follow HF ``Gemma4TextConfig`` where sensible).
+
+    The K/V fields (head dims, KV heads, RoPE, window) are ``KVGeometry``'s, keyword-only.
+    """
 
     vocab_size: int
     hidden_size: int
     intermediate_size: int
     num_layers: int
     num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    global_head_dim: int
     layer_types: tuple[str, ...]
-    sliding_window: int
-    rope_sliding: RopeConfig = RopeConfig(theta=10_000.0)
-    rope_full: RopeConfig = RopeConfig(theta=1_000_000.0, rotary_fraction=0.25)
-    num_global_kv_heads: int | None = None
-    attention_k_eq_v: bool = False
     rms_norm_eps: float = 1e-6
     final_logit_softcapping: float | None = 30.0
     per_layer_input_dim: int = 0
@@ -99,17 +129,6 @@ class Gemma4Config:
     @property
     def first_shared_layer(self) -> int:
         return self.num_layers - self.num_kv_shared_layers
-
-    def head_dim_of(self, layer_type: str) -> int:
-        return self.global_head_dim if layer_type == FULL else self.head_dim
-
-    def kv_heads(self, layer_type: str) -> int:
-        if layer_type == FULL and self.attention_k_eq_v and self.num_global_kv_heads:
-            return self.num_global_kv_heads
-        return self.num_kv_heads
-
-    def rope(self, layer_type: str) -> RopeConfig:
-        return self.rope_full if layer_type == FULL else self.rope_sliding
 
     def shares_kv(self, layer: int) -> bool:
         return layer >= self.first_shared_layer
@@ -322,7 +341,7 @@ def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json") ->
             f"{source}: model_type is {model_type!r}; mtp loads Gemma 4 targets ('gemma4' or 'gemma4_text'). "
             "Drafters ('gemma4_assistant') load with mtp.drafter."
         )
-    if unknown := sorted(set(text) - _SUPPORTED_TEXT_KEYS - _IGNORED_TEXT_KEYS):
+    if unknown := sorted(set(text) - _SUPPORTED_TEXT_KEYS - IGNORED_TEXT_KEYS):
         raise ConfigError(f"{source}: unsupported text config keys {unknown}; mtp would silently ignore them.")
     if text.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
         raise ConfigError(f"{source}: hidden_activation {text['hidden_activation']!r} is not supported.")
@@ -380,7 +399,7 @@ def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json") ->
 
 
 # Keys transformers writes that do not change the text decoder's numerics.
-_IGNORED_TEXT_KEYS = {
+IGNORED_TEXT_KEYS = {
     "architectures",
     "dtype",
     "torch_dtype",
