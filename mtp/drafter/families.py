@@ -20,6 +20,9 @@ FAMILIES = {
     Eagle3.family: (Eagle3, Eagle3Config),
 }
 
+# The ``config.drafter`` keys that shape a new drafter of any family (``build``'s keyword arguments).
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "max_draft_len", "init_embed_from_target")
+
 
 def projected_table(target: Gemma4, width: int, seed: int) -> np.ndarray:
     """A random orthonormal projection of the target's embedding to ``width``, rows of RMS ``width**-0.5``: similar

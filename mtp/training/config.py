@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.target = ml_collections.ConfigDict({"hf_path": "", "embedded_tiny": False, "dtype": "float32", "preset": ""})
     c.drafter = ml_collections.ConfigDict(
         {
+            "family": "gemma4",  # or "medusa", "eagle3" (mtp.drafter.families; those ignore the centroid keys)
             "init_from": "",  # a gemma4_assistant directory to start from (e.g. Google's official drafter)
             "num_layers": 4,
             "hidden_size": 256,

@@ -17,6 +17,8 @@ from mtp.data.pipeline import PipelineConfig, make_eval_batches, make_train_iter
 from mtp.data.sources import load_rows
 from mtp.data.tokenizer import load_tokenizer
 from mtp.drafter.config import DrafterConfig
+from mtp.drafter.families import SHAPE_KEYS as FAMILY_SHAPE
+from mtp.drafter.families import build as build_family
 from mtp.drafter.model import Drafter
 from mtp.embedded.corpus import ensure_embedded_dataset
 from mtp.gemma4.model import Gemma4
@@ -129,6 +131,8 @@ def drafter_config_for(config: ml_collections.ConfigDict, target_config) -> Draf
 def build_drafter(config: ml_collections.ConfigDict, target: Gemma4) -> Drafter:
     """A new drafter shaped by the config (head initialised from the target's embedding), or one loaded from HF."""
     d = config.drafter
+    if d.family != "gemma4":  # the other families: mtp.drafter.families
+        return build_family(d.family, target, **{k: d[k] for k in FAMILY_SHAPE}, seed=config.seed)
     if d.init_from:
         from mtp.checkpoint.hf_drafter import load_drafter
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 from mtp import sharding as sharding_lib
 from mtp.checkpoint import load_target
-from mtp.checkpoint.hf_drafter import save_drafter
+from mtp.drafter import save_drafter
 from mtp.training import setup
 from mtp.training.checkpoints import Checkpointer, check_workdir
 from mtp.training.config import loss_config
