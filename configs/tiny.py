@@ -10,8 +10,6 @@ for the measured runtime and table. ``--config=configs/tiny.py:test`` is the sec
 (a 2-layer test target, a few steps, 4 prompts).
 """
 
-import ml_collections
-
 from mtp.training.config import base_config, finalize
 
 
@@ -38,9 +36,7 @@ def get_config(arg: str | None = None):
     config.loss.update(depth=4, chunk_size=64)
     config.optimizer.update(learning_rate=3e-3, warmup_steps=20)
     # What the job measures at its end (mtp.training.evaluate): held-out prompts, greedy, batch 1.
-    config.evaluation = ml_collections.ConfigDict(
-        {"after_training": True, "num_prompts": 64, "max_new_tokens": 96, "draft_lens": (1, 2, 3, 4)}
-    )
+    config.eval.update(after_training=True, num_prompts=64, max_new_tokens=(96,), draft_lens=(1, 2, 3, 4))
     if arg == "test":
         config.target.embedded_variant = "test"
         config.update(
@@ -53,7 +49,7 @@ def get_config(arg: str | None = None):
             eval_batches=2,
         )
         config.drafter.update(hidden_size=32, intermediate_size=64)  # narrower than the test target
-        config.evaluation.update(num_prompts=4, max_new_tokens=12)
+        config.eval.update(num_prompts=4, max_new_tokens=(12,))
         config.mesh.fsdp = 1  # one device, whatever the machine simulates
         config.wandb.mode = "disabled"
     return finalize(config)

@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported) and one torch thread."""
+"""Test setup: 8 simulated CPU devices (set before jax is imported) and one torch thread; the session's shared
+fixtures: the embedded corpus, the tiny test target, and one finished run of configs/tiny.py:test."""
 
 import os
 
@@ -30,3 +31,30 @@ def template(tiny_tokenizer):
     from mtp.data.chat import ChatTemplate
 
     return ChatTemplate(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory):
+    """The embedded corpus and the test variant of the tiny target, built once per session into a private cache."""
+    from mtp.embedded.target import default_config, ensure_tiny_target
+
+    root = tmp_path_factory.mktemp("mtp_cache")
+    previous = os.environ.get("MTP_CACHE")
+    os.environ["MTP_CACHE"] = str(root)
+    ensure_tiny_target(root, default_config("test"), name="test", progress=False)  # what configs/tiny.py:test uses
+    yield root
+    if previous is None:
+        os.environ.pop("MTP_CACHE")
+    else:
+        os.environ["MTP_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_run(embedded_cache, tmp_path_factory):
+    """``train.py --config configs/tiny.py:test`` once per session (its evaluation included): (workdir, what
+    ``run`` returned). Tests that change the workdir work on a copy."""
+    from configs import tiny
+    from mtp.training.run import run
+
+    workdir = tmp_path_factory.mktemp("job") / "run"
+    return workdir, run(tiny.get_config("test"), workdir, progress=False)

@@ -25,15 +25,11 @@ log = logging.getLogger(__name__)
 PAD_MULTIPLE = 16  # prompts are right-padded to a multiple of this, so batches share compilations
 
 
-def read_prompts(config: ml_collections.ConfigDict) -> list[dict]:
-    """Prompt rows from ``prompts_file`` (JSONL of token_ids or text) or the single ``prompt`` text."""
-    if bool(config.prompts_file) == bool(config.prompt):
-        raise DecodeInputError("Give exactly one of --config.prompts_file=F (JSONL) or --config.prompt='text'.")
-    if config.prompt:
-        return [{"text": config.prompt}]
-    path = pathlib.Path(config.prompts_file)
+def read_jsonl(path: str | pathlib.Path) -> list[tuple[int, dict]]:
+    """The objects of a JSONL file with their line numbers (blank lines skipped); a bad line names file and line."""
+    path = pathlib.Path(path)
     if not path.is_file():
-        raise DecodeInputError(f"prompts_file {path} does not exist.")
+        raise DecodeInputError(f"prompts file {path} does not exist.")
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -42,7 +38,22 @@ def read_prompts(config: ml_collections.ConfigDict) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DecodeInputError(f"{path}:{number}: not valid JSON ({e}).") from None
-        if not isinstance(row, dict) or ("token_ids" in row) == ("text" in row):
+        if not isinstance(row, dict):
+            raise DecodeInputError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}.")
+        rows.append((number, row))
+    return rows
+
+
+def read_prompts(config: ml_collections.ConfigDict) -> list[dict]:
+    """Prompt rows from ``prompts_file`` (JSONL of token_ids or text) or the single ``prompt`` text."""
+    if bool(config.prompts_file) == bool(config.prompt):
+        raise DecodeInputError("Give exactly one of --config.prompts_file=F (JSONL) or --config.prompt='text'.")
+    if config.prompt:
+        return [{"text": config.prompt}]
+    path = pathlib.Path(config.prompts_file)
+    rows = []
+    for number, row in read_jsonl(path):
+        if ("token_ids" in row) == ("text" in row):
             raise DecodeInputError(f"{path}:{number}: each line needs exactly one of 'token_ids' or 'text'.")
         if "token_ids" in row and not all(isinstance(t, int) for t in row["token_ids"]):
             raise DecodeInputError(f"{path}:{number}: 'token_ids' must be a list of integers.")

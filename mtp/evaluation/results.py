@@ -1,9 +1,12 @@
-"""The results.json schema: one record per (prompt set, category, draft length, temperature, batch size), and its table.
+"""The results.json schema: one record per (prompt set, category, draft length, temperature, batch size, max new
+tokens), merged by that key with the records of earlier runs, and its tables.
 
 ``results.json`` is ``{"target": DIR, "drafter": DIR, "records": [...]}`` (plus optional extra keys). A record:
 
-- ``prompt_set``, ``category`` (``"all"`` for the whole set), ``draft_len``, ``temperature``, ``batch_size``
-- ``num_prompts``, ``num_tokens`` (tokens the speculative run generated)
+- ``prompt_set``, ``category`` (``"all"`` for the whole set), ``draft_len``, ``temperature``, ``batch_size``,
+  ``max_new_tokens``
+- ``num_prompts`` (decoded prompts: every turn of a multi-turn conversation counts), ``num_tokens`` (tokens the
+  speculative run generated)
 - ``acceptance_length`` τ: tokens generated after the prefill ÷ target forwards after it (the bonus token included)
 - ``predicted_acceptance_length``: 1 + Σ per-position acceptance, what τ would be without stop tokens and limits
 - ``per_position_acceptance``: fraction of rounds whose draft i (1-based) was accepted, i = 1 … draft_len
@@ -19,10 +22,11 @@ import pathlib
 from collections.abc import Sequence
 
 from mtp.decoding.generate import summarize
-from mtp.evaluation.prompts import Prompt
+from mtp.errors import UserError
+from mtp.evaluation.prompts import ALL, Prompt
 from mtp.evaluation.sweep import Run
 
-ALL = "all"
+KEY = ("prompt_set", "category", "draft_len", "temperature", "batch_size", "max_new_tokens")
 
 
 class OutputMismatchError(AssertionError):
@@ -34,11 +38,17 @@ def predicted_acceptance_length(per_position: Sequence[float]) -> float:
 
 
 def records(
-    prompt_set: str, prompts: Sequence[Prompt], runs: dict[int, Run], *, temperature: float = 0.0, batch_size: int = 1
+    prompt_set: str,
+    prompts: Sequence[Prompt],
+    runs: dict[int, Run],
+    *,
+    temperature: float = 0.0,
+    batch_size: int = 1,
+    max_new_tokens: int | None = None,
 ) -> list[dict]:
     """One record per category (``"all"`` first) and draft length, from ``sweep``'s runs (key 0: plain decoding)."""
     plain = runs[0]
-    categories = [ALL, *sorted({p.category for p in prompts})]
+    categories = [ALL, *sorted({p.category for p in prompts} - {ALL})]
     out = []
     for category in categories:
         rows = [i for i, p in enumerate(prompts) if category in (ALL, p.category)]
@@ -56,6 +66,7 @@ def records(
                     "draft_len": draft_len,
                     "temperature": temperature,
                     "batch_size": batch_size,
+                    "max_new_tokens": max_new_tokens,
                     "num_prompts": len(rows),
                     "num_tokens": summary["tokens_generated"],
                     "acceptance_length": summary["acceptance_length"],
@@ -83,6 +94,50 @@ def check_greedy_outputs(records_: Sequence[dict]) -> None:
         )
 
 
+class ResultsFileError(UserError):
+    """results.json belongs to another target / drafter pair, or is not a results file."""
+
+
+def read(path: str | pathlib.Path) -> dict | None:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ResultsFileError(
+            f"{path} is not valid JSON ({e}); move it away or use another output directory."
+        ) from None
+    if not isinstance(body, dict) or not isinstance(body.get("records"), list):
+        raise ResultsFileError(f"{path} is not a results.json (no 'records' list); use another output directory.")
+    return body
+
+
+def check_pair(path: str | pathlib.Path, *, target: str | pathlib.Path, drafter: str | pathlib.Path) -> None:
+    """Refuses (before any decoding) to merge into a results.json measured with another target or drafter."""
+    body = read(path)
+    if body is None:
+        return
+    mine = {"target": str(pathlib.Path(target).resolve()), "drafter": str(pathlib.Path(drafter).resolve())}
+    differs = [k for k in mine if body.get(k) != mine[k]]
+    if differs:
+        raise ResultsFileError(
+            f"{path} holds results of another pair ({', '.join(f'{k} {body.get(k)}' for k in differs)}); "
+            "give --config.eval.output_dir=another directory."
+        )
+
+
+def key(record: dict) -> tuple:
+    return tuple(record.get(k) for k in KEY)
+
+
+def merge(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
+    """Earlier records, each replaced by a new one of the same key; then the new keys, in their order."""
+    fresh = {key(r): r for r in new}
+    merged = [fresh.pop(key(r), r) for r in old]
+    return merged + [r for r in new if key(r) in fresh]
+
+
 def write(
     path: str | pathlib.Path,
     *,
@@ -91,29 +146,68 @@ def write(
     records_: Sequence[dict],
     **extra,
 ) -> pathlib.Path:
+    """Merges ``records_`` (and ``extra``) into ``path`` by key; a record of the same key is replaced."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    old = read(path) or {}
     body = {
+        **old,
         "target": str(pathlib.Path(target).resolve()),
         "drafter": str(pathlib.Path(drafter).resolve()),
-        "records": list(records_),
+        "records": merge(old.get("records", []), records_),
         **extra,
     }
-    path.write_text(json.dumps(body, indent=1) + "\n")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    tmp.replace(path)  # never a half-written file, even if the run is killed
     return path
 
 
-def table(records_: Sequence[dict]) -> str:
-    """A Markdown table: one line per category and draft length."""
+def _group(record: dict) -> tuple:
+    return record["prompt_set"], record["temperature"], record["batch_size"], record.get("max_new_tokens")
+
+
+def best_table(records_: Sequence[dict]) -> str:
+    """The draft length with the highest speedup per (prompt set, temperature, batch size, max new tokens)."""
     lines = [
-        "| prompts | k | τ | per-position acceptance | plain tok/s | speculative tok/s | speedup | identical |",
-        "|---|---|---|---|---|---|---|---|",
+        "| prompt set | T | batch | max new | best k | τ | speedup | plain tok/s | speculative tok/s | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    overall = [r for r in records_ if r["category"] == ALL]
+    for group in sorted({_group(r) for r in overall}, key=str):
+        r = max((r for r in overall if _group(r) == group), key=lambda r: r["speedup"])
+        lines.append(
+            f"| {group[0]} | {group[1]:g} | {group[2]} | {group[3]} | {r['draft_len']} | "
+            f"{r['acceptance_length']:.2f} | {r['speedup']:.2f}x | {r['ar_tokens_per_second']:.0f} | "
+            f"{r['tokens_per_second']:.0f} | {_identical(r)} |"
+        )
+    return "\n".join(lines)
+
+
+def _identical(record: dict) -> str:
+    if record["outputs_match_ar"]:
+        return "yes"
+    return "NO" if record["temperature"] == 0 else "no (sampled)"
+
+
+def table(records_: Sequence[dict]) -> str:
+    """A Markdown table: one line per record."""
+    lines = [
+        "| prompt set | T | batch | prompts | k | τ | predicted τ | per-position acceptance | plain tok/s | "
+        "speculative tok/s | speedup | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records_:
         per_position = " / ".join(f"{a:.2f}" for a in r["per_position_acceptance"])
         lines.append(
-            f"| {r['category']} ({r['num_prompts']}, {r['num_tokens']} tok) | {r['draft_len']} | "
-            f"{r['acceptance_length']:.2f} | {per_position} | {r['ar_tokens_per_second']:.0f} | "
-            f"{r['tokens_per_second']:.0f} | {r['speedup']:.2f}x | {'yes' if r['outputs_match_ar'] else 'NO'} |"
+            f"| {r['prompt_set']} | {r['temperature']:g} | {r['batch_size']} | "
+            f"{r['category']} ({r['num_prompts']}, {r['num_tokens']} tok) | {r['draft_len']} | "
+            f"{r['acceptance_length']:.2f} | {r['predicted_acceptance_length']:.2f} | {per_position} | "
+            f"{r['ar_tokens_per_second']:.0f} | {r['tokens_per_second']:.0f} | {r['speedup']:.2f}x | {_identical(r)} |"
         )
     return "\n".join(lines)
+
+
+def report(records_: Sequence[dict]) -> str:
+    """What results.md holds: the best draft lengths, then every record."""
+    return f"## Best draft length\n\n{best_table(records_)}\n\n## All records\n\n{table(records_)}\n"

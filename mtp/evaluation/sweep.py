@@ -1,15 +1,19 @@
-"""Plain and speculative decoding of one prompt set, alternating per prompt so machine noise hits every mode alike."""
+"""Plain and speculative decoding of one prompt set at one sweep point, alternating batch by batch so machine noise
+hits every mode alike."""
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from collections.abc import Sequence
 
 import tqdm
 from flax import nnx
 
+from mtp.data.chat import ChatTemplate
 from mtp.decoding.generate import GEMMA4_STOP_TOKENS, Generation, generate, padded_length
+from mtp.decoding.sampling import Sampling
 from mtp.evaluation.prompts import Prompt
 from mtp.gemma4.model import Gemma4
 
@@ -23,6 +27,11 @@ class Run:
     seconds: list[float] = dataclasses.field(default_factory=list)
 
 
+def _rotated(modes: list[int], shift: int) -> list[int]:
+    shift %= len(modes)
+    return modes[shift:] + modes[:shift]
+
+
 def sweep(
     target: Gemma4,
     drafter: nnx.Module | None,
@@ -30,34 +39,85 @@ def sweep(
     *,
     draft_lens: Sequence[int],
     max_new_tokens: int,
+    temperature: float = 0.0,
+    batch_size: int = 1,
+    repeats: int = 1,
     stop_tokens: Sequence[int] = GEMMA4_STOP_TOKENS,
+    template: ChatTemplate | None = None,
+    seed: int = 0,
     progress: bool = True,
-) -> dict[int, Run]:
-    """Greedy, batch 1: each prompt is decoded plainly and at every draft length in turn (the order rotating
-    from prompt to prompt), each call timed alone after one compiling warm-up per mode.
+) -> tuple[list[Prompt], dict[int, Run]]:
+    """Every batch is decoded plainly and at every draft length in turn (the order rotating from batch to batch),
+    each call timed alone after one compiling warm-up per mode and batch shape.
 
-    Every prompt is padded to one length, so each mode compiles once.
+    Multi-turn prompts (Spec-Bench) run turn by turn: turn t of every conversation that has one, then turn t+1 with
+    plain decoding's answer appended (the same answer for every mode; under greedy decoding every mode gives it).
+    Returns the decoded prompts (one per turn) and, per mode, their outputs and seconds in that order; a batch's
+    seconds are split evenly over its rows. Batches hold prompts of one category where the counts allow (the prompts
+    are ordered by category), and prompt i of the decoded order samples from its own stream (``first_row``), so
+    its samples do not depend on the batch size.
     """
+    if any(p.num_turns > 1 for p in prompts) and template is None:
+        raise ValueError("multi-turn prompts need the chat template to append answers")
     modes = [0, *draft_lens]
-    pad = padded_length(max(len(p.token_ids) for p in prompts), 64)
-    kwargs = dict(max_new_tokens=max_new_tokens, stop_tokens=tuple(stop_tokens), pad_multiple=pad)
-    for mode in modes:  # compile
-        generate(target, drafter if mode else None, [prompts[0].token_ids], draft_len=mode, **kwargs)
+    sampling = Sampling(temperature)
     runs = {mode: Run(mode) for mode in modes}
-    bar = tqdm.tqdm(prompts, desc="eval", disable=not progress, dynamic_ncols=True)
-    for index, prompt in enumerate(bar):
-        for mode in modes[index % len(modes) :] + modes[: index % len(modes)]:
-            start = time.perf_counter()
-            outputs, _ = generate(
-                target, drafter if mode else None, [prompt.token_ids], draft_len=mode, first_row=index, **kwargs
-            )  # the prompt's own random stream when sampling
-            runs[mode].seconds.append(time.perf_counter() - start)
-            runs[mode].outputs.append(outputs[0])
-        if draft_lens:
-            k = max(draft_lens)
-            produced = sum(sum(o.produced_per_round) for o in runs[k].outputs)
-            forwards = sum(o.target_forwards for o in runs[k].outputs)
-            speedup = sum(runs[0].seconds) / sum(runs[k].seconds)
-            bar.set_postfix({f"tau@{k}": f"{produced / max(forwards, 1):.2f}", f"speedup@{k}": f"{speedup:.2f}x"})
+    decoded: list[Prompt] = []
+    answers: list[list[str]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i].category)
+    bar = tqdm.tqdm(
+        total=sum(p.num_turns for p in prompts),
+        desc=f"eval T={temperature:g} B={batch_size}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    for turn in range(max(p.num_turns for p in prompts)):
+        rows = [i for i in order if turn < prompts[i].num_turns]
+        ids = {i: prompts[i].turn_ids(turn, answers[i], template) for i in rows}
+        kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            stop_tokens=tuple(stop_tokens),
+            sampling=sampling,
+            seed=seed,
+            pad_multiple=padded_length(max(map(len, ids.values())), 64),  # one padded length: one compilation
+        )
+        batches = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
+        for batch in {len(b): b for b in batches}.values():  # compile every batch shape outside the timing
+            for mode in modes:
+                generate(target, drafter if mode else None, [ids[i] for i in batch], draft_len=mode, **kwargs)
+        for number, batch in enumerate(batches):
+            first_row = len(decoded)
+            outputs, seconds = {}, {mode: [] for mode in modes}
+            for repeat in range(repeats):
+                for mode in _rotated(modes, number + repeat):
+                    start = time.perf_counter()
+                    out, _ = generate(
+                        target,
+                        drafter if mode else None,
+                        [ids[i] for i in batch],
+                        draft_len=mode,
+                        first_row=first_row,
+                        **kwargs,
+                    )
+                    seconds[mode].append(time.perf_counter() - start)
+                    outputs.setdefault(mode, out)
+            for mode in modes:
+                share = statistics.median(seconds[mode]) / len(batch)
+                runs[mode].outputs += outputs[mode]
+                runs[mode].seconds += [share] * len(batch)
+            decoded += [Prompt(prompts[i].category, ids[i]) for i in batch]
+            for i, plain in zip(batch, outputs[0], strict=True):
+                if turn + 1 < prompts[i].num_turns:
+                    answers[i].append(template.tokenizer.decode(plain.token_ids, skip_special_tokens=True))
+            bar.update(len(batch))
+            if draft_lens:
+                bar.set_postfix(_progress(runs, max(draft_lens)))
     bar.close()
-    return runs
+    return decoded, runs
+
+
+def _progress(runs: dict[int, Run], k: int) -> dict:
+    produced = sum(sum(o.produced_per_round) for o in runs[k].outputs)
+    forwards = sum(o.target_forwards for o in runs[k].outputs)
+    speedup = sum(runs[0].seconds) / max(sum(runs[k].seconds), 1e-9)
+    return {f"tau@{k}": f"{produced / max(forwards, 1):.2f}", f"speedup@{k}": f"{speedup:.2f}x"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from mtp.evaluation.config import eval_config
 from mtp.training.loss import LossConfig
 
 
@@ -75,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
         }
     )
     c.wandb = ml_collections.ConfigDict({"mode": "offline", "project": "", "group": "", "name": "", "tags": ()})
+    c.eval = eval_config()  # what eval.py (and the main job at its end) measures
     return c
 
 

@@ -22,7 +22,17 @@ def to_python(metrics: dict) -> dict:
 
 
 def mean_metrics(history: list[dict]) -> dict:
-    return {key: np.mean([np.asarray(h[key]) for h in history], axis=0) for key in history[0]}
+    """Means over steps or held-out batches, each weighted by its trained tokens: a batch padded with empty rows
+    (small held-out sets) adds its real tokens, not a batch of zero agreement. ``trained_tokens`` stays the plain
+    mean per step."""
+    values = {key: np.stack([np.asarray(h[key], np.float64) for h in history]) for key in history[0]}
+    weights = values.get("trained_tokens")
+    if weights is None or not np.sum(weights) > 0:
+        weights = np.ones(len(history))
+    out = {key: np.average(value, axis=0, weights=weights) for key, value in values.items()}
+    if "trained_tokens" in values:
+        out["trained_tokens"] = np.mean(values["trained_tokens"])
+    return out
 
 
 class MetricsWriter:
@@ -92,7 +102,7 @@ def _init_wandb(workdir: pathlib.Path, config: ml_collections.ConfigDict):
     w = config.wandb
     return wandb.init(
         project=w.project or "mtp",
-        group=w.group or None,
+        group=w.group or workdir.name,  # eval.py logs its run to the same group
         name=w.name or workdir.name,
         tags=list(w.tags),
         config=config.to_dict(),

@@ -58,14 +58,14 @@ def check_target(workdir: pathlib.Path, identity: dict, target_dir: pathlib.Path
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progress: bool = True) -> dict:
-    """Trains (resuming where the workdir left off), then evaluates when ``config.evaluation.after_training``."""
+    """Trains (resuming where the workdir left off), then evaluates when ``config.eval.after_training``."""
     from mtp.training.trainer import train
 
     workdir = pathlib.Path(workdir)
     target_dir = setup.target_directory(config, workdir)
     check_target(workdir, target_identity(config, target_dir), target_dir)
     summary = {"train": train(config, workdir)}
-    if "evaluation" in config and config.evaluation.get("after_training"):
+    if config.eval.after_training:
         from mtp.training.evaluate import evaluate
 
         summary["eval"] = evaluate(config, workdir, progress=progress)

@@ -30,10 +30,10 @@ RECORD_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def main_job(embedded_cache, tmp_path_factory):
-    """``train.py --config configs/tiny.py:test`` in the session's cache: (workdir, what run returned, cache)."""
-    workdir = tmp_path_factory.mktemp("job") / "run"
-    return workdir, run(tiny.get_config("test"), workdir, progress=False), embedded_cache
+def main_job(tiny_run, embedded_cache):
+    """``train.py --config configs/tiny.py:test`` in the session's cache (shared with tests/evaluation): (workdir,
+    what run returned, cache)."""
+    return (*tiny_run, embedded_cache)
 
 
 def test_the_quick_variant_writes_results_json(main_job):
@@ -48,11 +48,18 @@ def test_the_quick_variant_writes_results_json(main_job):
         assert set(record) >= RECORD_KEYS, RECORD_KEYS - set(record)
         assert record["outputs_match_ar"]  # greedy: speculative output is plain output
         assert record["acceptance_length"] >= 1 and len(record["per_position_acceptance"]) == record["draft_len"]
-        assert (record["temperature"], record["batch_size"]) == (0.0, 1)
+        assert (record["temperature"], record["batch_size"], record["max_new_tokens"]) == (0.0, 1, 12)
     assert [r["num_prompts"] for r in records if r["category"] == "all"] == [4] * 4
     manifest = json.loads((cache / "tiny_target_test" / "manifest.json").read_text())
     assert manifest["eval_perplexity"] > 1 and manifest["recipe"]["tokenizer_sha256"]
     assert summary["eval"]["records"] == records
+    assert len(summary["eval"]["offline"]["top1_agreement"]) == 4  # held-out agreement per depth, over real tokens
+    assert {p.name for p in (workdir / "eval").glob("*.png")} == {
+        "acceptance_by_position.png",
+        "tau_and_speedup.png",
+        "categories.png",
+    }
+    assert "## Best draft length" in (workdir / "eval" / "results.md").read_text()
 
 
 def _snapshot(directory):
