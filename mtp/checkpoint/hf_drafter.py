@@ -11,7 +11,9 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from mtp.checkpoint.hf_target import (
@@ -23,7 +25,7 @@ from mtp.checkpoint.hf_target import (
     read_config,
 )
 from mtp.checkpoint.layout import Layout, linear, same
-from mtp.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint, save_safetensors
+from mtp.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint, host_value, save_safetensors
 from mtp.drafter.config import DrafterConfig, DrafterConfigError, config_from_hf, config_to_hf
 from mtp.drafter.model import Drafter
 from mtp.gemma4.config import Gemma4Config
@@ -133,7 +135,9 @@ def save_drafter(
 ) -> None:
     """Writes HF's exact layout: config.json, model.safetensors (tied head once), generation_config.json.
 
-    ``num_assistant_tokens`` goes into generation_config.json: transformers leaves it None and then crashes.
+    ``num_assistant_tokens`` goes into generation_config.json: transformers leaves it None and then crashes. On
+    many processes every one calls this (parameters sharded across them are gathered tensor by tensor) and
+    process 0 writes; ``model_dir`` may be remote (``gs://...``).
     """
     if num_assistant_tokens < 1:
         raise ValueError(f"num_assistant_tokens={num_assistant_tokens} must be >= 1.")
@@ -141,11 +145,16 @@ def save_drafter(
     flat = dict(nnx.to_flat_state(nnx.state(drafter, nnx.Param)))
     tensors = {}
     for path, layout in drafter_layouts(config).items():
-        value = np.asarray(jax.device_get(flat[path][...]))
+        value = host_value(flat[path].get_value())
         tensors[layout.key] = layout.to_hf(value.astype(dtype or value.dtype))
     if config.use_ordered_embeddings:
-        tensors[TOKEN_ORDERING] = np.asarray(jax.device_get(drafter.token_ordering[...])).astype(np.int64)
-    model_dir = pathlib.Path(model_dir)
+        tensors[TOKEN_ORDERING] = host_value(drafter.token_ordering.get_value()).astype(np.int64)
+    if jax.process_index() == 0:
+        _write_drafter(tensors, config, epath.Path(model_dir), num_assistant_tokens)
+    multihost_utils.sync_global_devices("mtp: drafter exported")
+
+
+def _write_drafter(tensors: dict, config: DrafterConfig, model_dir: epath.Path, num_assistant_tokens: int) -> None:
     save_safetensors(tensors, model_dir)
     hf_config = config_to_hf(config) | {"dtype": np.dtype(tensors["model.embed_tokens.weight"].dtype).name}
     (model_dir / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")

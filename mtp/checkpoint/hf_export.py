@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mtp.checkpoint.hf_target import target_layouts
-from mtp.checkpoint.safetensors_io import save_safetensors
+from mtp.checkpoint.safetensors_io import host_value, save_safetensors
 from mtp.gemma4.config import Gemma4Config, decoder_fields_to_hf
 from mtp.gemma4.model import Gemma4
 
@@ -60,16 +61,21 @@ def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
 
 
 def save_target(model: Gemma4, path: str | os.PathLike, *, dtype: jnp.dtype | None = None) -> pathlib.Path:
-    """Writes config.json and model.safetensors into ``path``; ``dtype`` None keeps the parameters' dtype."""
+    """Writes config.json and model.safetensors into ``path``; ``dtype`` None keeps the parameters' dtype.
+
+    On many processes every one calls this (sharded parameters are gathered tensor by tensor) and process 0 writes.
+    """
     config = model.config
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     tensors = {}
     for param_path, layout in target_layouts(config, "model").items():
-        value = np.asarray(jax.device_get(flat[param_path].get_value()))
+        value = host_value(flat[param_path].get_value())
         tensors[layout.key] = layout.to_hf(value.astype(dtype or value.dtype))
     path = pathlib.Path(path)
-    save_safetensors(tensors, path)
-    stored = np.dtype(tensors["model.embed_tokens.weight"].dtype).name
-    # transformers >= 5 names the stored dtype "dtype" (and reads the older "torch_dtype" only as a fallback).
-    _write_json(path / "config.json", config_to_hf(config) | {"dtype": stored})
+    if jax.process_index() == 0:
+        save_safetensors(tensors, path)
+        stored = np.dtype(tensors["model.embed_tokens.weight"].dtype).name
+        # transformers >= 5 names the stored dtype "dtype" (and reads the older "torch_dtype" only as a fallback).
+        _write_json(path / "config.json", config_to_hf(config) | {"dtype": stored})
+    multihost_utils.sync_global_devices("mtp: target exported")
     return path

@@ -2,7 +2,8 @@
 
 Reading: ``safe_open(file, "numpy").get_slice(key)[index]`` reads only the bytes of one device's shard (bf16
 comes back as ``ml_dtypes.bfloat16``). Writing: ``safetensors.numpy.save_file`` per shard, split as
-``huggingface_hub`` splits (with the index json), each file written beside its destination and renamed into place.
+``huggingface_hub`` splits (with the index json), each file written beside its destination and renamed into place
+(on remote paths such as ``gs://``, through etils ``epath``, whose objects appear whole once written).
 On top sit the checks the library leaves to us: pickle files refused with the conversion command, indexes whose
 shards are missing or disagree, unknown keys with near-miss suggestions.
 """
@@ -18,11 +19,14 @@ import re
 import tempfile
 from collections.abc import Iterator, Mapping
 
+import jax
 import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+from etils import epath
 from huggingface_hub import split_state_dict_into_shards_factory
+from jax.experimental import multihost_utils
 
 from mtp.errors import UserError
 
@@ -218,15 +222,28 @@ def _replace_atomically(path: pathlib.Path, write) -> None:
         raise
 
 
+def host_value(x) -> np.ndarray:
+    """The full value of one (possibly globally sharded) array on this host: an all-gather across processes when
+    it spans several, so every process must call it, in the same order; one tensor at a time bounds host memory."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """A path with a scheme (``gs://bucket/x``): written through epath, never through the local filesystem."""
+    return "://" in os.fspath(path)
+
+
 def save_safetensors(
     tensors: Mapping[str, np.ndarray],
     path: str | os.PathLike,
     *,
     metadata: dict[str, str] | None = None,
     max_shard_bytes: int | None = None,
-) -> list[pathlib.Path]:
+) -> list[epath.Path]:
     """Saves ``tensors`` into directory ``path`` as transformers does; returns the files written (shards, index)."""
-    root = pathlib.Path(path)
+    root = epath.Path(path)
     if root.suffix == ".safetensors" or root.is_file():
         raise ValueError(f"{root}: save_safetensors takes a directory (it writes {SINGLE_FILE} inside)")
     if max_shard_bytes is not None and max_shard_bytes <= 0:
@@ -244,16 +261,23 @@ def save_safetensors(
         max_shard_size=max_shard_bytes or 2**62,
     )
     root.mkdir(parents=True, exist_ok=True)
+    remote = is_remote(path)
     written = []
     for name, keys in split.filename_to_tensors.items():
         shard = {key: arrays[key] for key in keys}
-        _replace_atomically(root / name, lambda tmp, shard=shard: safetensors.numpy.save_file(shard, tmp, metadata))
+        if remote:
+            (root / name).write_bytes(safetensors.numpy.save(shard, metadata))
+        else:
+            _replace_atomically(root / name, lambda tmp, s=shard: safetensors.numpy.save_file(s, tmp, metadata))
         written.append(root / name)
     if split.is_sharded:
         total = sum(a.nbytes for a in arrays.values())
         index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        _replace_atomically(root / INDEX_FILE, lambda tmp: pathlib.Path(tmp).write_text(text))
+        if remote:
+            (root / INDEX_FILE).write_text(text)
+        else:
+            _replace_atomically(root / INDEX_FILE, lambda tmp: pathlib.Path(tmp).write_text(text))
         written.append(root / INDEX_FILE)
     # A stale model.safetensors would shadow new shards (and stale shards confuse HF loaders): remove them.
     for p in root.iterdir():

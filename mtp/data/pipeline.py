@@ -107,32 +107,26 @@ def _packed(
     return pack_rows(ds.to_iter_dataset(read), config.seq_len)
 
 
-class BatchIterator:
-    """Train batches with ``get_state``/``set_state``, and the running count of truncated documents."""
+class BatchIterator(grain.DatasetIterator):
+    """Train batches with the running count of truncated documents; a grain iterator, so orbax saves its state
+    with grain's own checkpoint handler (one file per process: ``process_<i>-of-<n>.json``)."""
 
     def __init__(self, iterator: grain.DatasetIterator):
-        self._iterator = iterator
+        super().__init__(iterator)
         self.num_truncated = 0
 
-    def __iter__(self) -> BatchIterator:
-        return self
-
     def __next__(self) -> Batch:
-        batch = next(self._iterator)
+        batch = next(self._parent)
         self.num_truncated += int(np.sum(batch.pop("num_truncated")))
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        """JSON-serialisable; grain's orbax handlers and ``json.dumps`` both take it."""
-        return {"pipeline": self._iterator.get_state(), "num_truncated": self.num_truncated}
+        """JSON-serialisable: this process's reader position and truncation count."""
+        return {"pipeline": self._parent.get_state(), "num_truncated": self.num_truncated}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        self._iterator.set_state(state["pipeline"])
+        self._parent.set_state(state["pipeline"])
         self.num_truncated = int(state["num_truncated"])
-
-    def close(self) -> None:
-        """Stops prefetch threads or worker processes."""
-        self._iterator.close()
 
 
 def make_train_iterator(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
+import os
+import re
 
+import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from mtp.errors import UserError
 from mtp.training.state import TrainState
@@ -69,13 +73,22 @@ def _lookup(tree: dict, key: str):
     return tree
 
 
-def _has_checkpoint(workdir: pathlib.Path) -> bool:
+def _has_checkpoint(workdir: epath.Path) -> bool:
     directory = workdir / "checkpoints"
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
-def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    """Saves config.json; in a used workdir, refuses a config of another experiment or one that cannot resume it."""
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+    """A workdir as orbax's path type: local directories and remote ones (``gs://bucket/run``) alike."""
+    path = epath.Path(workdir)
+    return path if "://" in os.fspath(workdir) else path.absolute()
+
+
+def check_workdir(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
+    """Saves config.json; in a used workdir, refuses a config of another experiment or one that cannot resume it.
+
+    Every process checks; process 0 alone writes, after all have read (a shared or remote workdir has one copy).
+    """
     path = workdir / "config.json"
     mine = json.loads(json.dumps(_identity(config), default=list))
     if path.exists():
@@ -95,8 +108,11 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> N
                     f"state cannot be resumed with {key}={now}: rerun with --config.{key}={before}, or use a new "
                     "--workdir. Nothing was changed."
                 )
-    workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config.to_dict(), indent=1, default=list))
+    multihost_utils.sync_global_devices("mtp: config.json checked")
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config.to_dict(), indent=1, default=list))
+    multihost_utils.sync_global_devices("mtp: config.json written")
 
 
 def _differences(a, b, prefix=""):
@@ -108,18 +124,25 @@ def _differences(a, b, prefix=""):
 
 
 class Checkpointer:
-    """Keeps the last ``keep`` checkpoints of (train state, data iterator state) under ``workdir/checkpoints``."""
+    """Keeps the last ``keep`` checkpoints of (train state, data iterator state) under ``workdir/checkpoints``.
 
-    def __init__(self, workdir: pathlib.Path, keep: int):
+    The state is one sharded orbax checkpoint; the data iterator is saved by grain's own handler, each process
+    writing and reading its own reader position (``data/process_<i>-of-<n>.json``).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, keep: int):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self.manager = ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options)
+        self.manager = ocp.CheckpointManager(workdir_path(workdir) / "checkpoints", options=options)
 
-    def save(self, step: int, state: TrainState, data_state: dict) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(_flat(state)), data=ocp.args.JsonSave(data_state))
+    def save(self, step: int, state: TrainState, iterator: grain.DatasetIterator) -> None:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_flat(state)), data=grain.checkpoint.CheckpointSave(iterator)
+        )
         self.manager.save(step, args=args)
 
-    def restore_latest(self, abstract: TrainState) -> tuple[TrainState, dict] | None:
-        """The newest checkpoint (None if there is none); if it fails to restore, the one before it, with a warning.
+    def restore_latest(self, abstract: TrainState, iterator: grain.DatasetIterator) -> TrainState | None:
+        """The newest checkpoint's state (None if there is none), ``iterator`` set to its data state; if it fails
+        to restore, the one before it, with a warning.
 
         Only the latest may fall back (a write cut short by a preemption); when the previous one fails too, the
         cause is not one bad file (a changed model, a missing directory), so that is an error naming both.
@@ -127,10 +150,12 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         errors = []
         for step in steps[:2]:
+            self._check_process_count(step)
             try:
-                args = ocp.args.Composite(state=ocp.args.StandardRestore(_flat(abstract)), data=ocp.args.JsonRestore())
-                restored = self.manager.restore(step, args=args)
-                return _unflat(abstract, restored["state"]), restored["data"]
+                args = ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_flat(abstract)), data=grain.checkpoint.CheckpointRestore(iterator)
+                )
+                return _unflat(abstract, self.manager.restore(step, args=args)["state"])
             except Exception as e:  # any failure to read means this checkpoint is unusable
                 errors.append(f"step {step} ({self.directory / str(step)}: {type(e).__name__}: {str(e)[:300]})")
                 if len(errors) == 1 and len(steps) > 1:
@@ -143,9 +168,22 @@ class Checkpointer:
             )
         return None
 
+    def _check_process_count(self, step: int) -> None:
+        """Each process resumes its own share of the data: the checkpoint must come from as many processes."""
+        data = self.directory / str(step) / "data"
+        if not data.is_dir():
+            return  # an incomplete checkpoint: restoring it fails, and may fall back
+        counts = {m[1] for p in data.iterdir() if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))}
+        if counts and counts != {str(jax.process_count())}:
+            raise WorkdirError(
+                f"{data} holds the data-iterator state of {'/'.join(sorted(counts))} processes, and this run has "
+                f"{jax.process_count()}: each process resumes its own share of the data, so resume with the same "
+                "number of processes, or use a new --workdir."
+            )
+
     @property
-    def directory(self) -> pathlib.Path:
-        return pathlib.Path(self.manager.directory)
+    def directory(self) -> epath.Path:
+        return epath.Path(self.manager.directory)
 
     @property
     def latest_step(self) -> int | None:

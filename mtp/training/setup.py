@@ -7,11 +7,13 @@ import os
 import pathlib
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from mtp.checkpoint.safetensors_io import host_value
 from mtp.data.chat import ChatTemplate
 from mtp.data.pipeline import PipelineConfig, make_eval_batches, make_train_iterator
 from mtp.data.sources import load_rows
@@ -128,6 +130,24 @@ def drafter_config_for(config: ml_collections.ConfigDict, target_config) -> Draf
     )
 
 
+def projected_embedding(target: Gemma4, width: int, seed: int) -> np.ndarray:
+    """A random orthonormal projection of the target's embedding to ``width``, scaled to rows of RMS width**-0.5:
+    similar tokens start with similar rows, which gives the centroid clusters meaning from step 0.
+
+    Computed where the target's table lives (sharded across hosts on a cluster); only the drafter-sized result
+    comes to the host.
+    """
+    table = target.embed.get_value()
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(table.shape[1], width)))
+
+    @jax.jit
+    def project(table_VD, q_DW):
+        rows_VW = jnp.dot(table_VD.astype(jnp.float32), q_DW, precision=jax.lax.Precision.HIGHEST)
+        return rows_VW * (width**-0.5 / jnp.sqrt(jnp.mean(rows_VW**2)))
+
+    return host_value(project(table, q.astype(np.float32)))
+
+
 def build_drafter(config: ml_collections.ConfigDict, target: Gemma4) -> Drafter:
     """A new drafter shaped by the config (head initialised from the target's embedding), or one loaded from HF."""
     d = config.drafter
@@ -140,13 +160,7 @@ def build_drafter(config: ml_collections.ConfigDict, target: Gemma4) -> Drafter:
     drafter_config = drafter_config_for(config, target.config)
     drafter = Drafter(drafter_config, rngs=nnx.Rngs(config.seed))
     if d.init_embed_from_target:
-        # A random orthonormal projection of the target's embedding: similar tokens start with similar rows,
-        # which gives the centroid clusters meaning from step 0.
-        width = drafter_config.hidden_size
-        table = np.asarray(target.embed[...], np.float32)
-        q, _ = np.linalg.qr(np.random.default_rng(config.seed).normal(size=(table.shape[1], width)))
-        rows = table @ q
-        rows *= width**-0.5 / np.sqrt(np.mean(rows**2))
+        rows = projected_embedding(target, drafter_config.hidden_size, config.seed)
         drafter.embed[...] = jnp.asarray(rows, drafter.embed[...].dtype)
     if drafter_config.use_ordered_embeddings:
         table = np.asarray(drafter.embed[...], np.float32)
@@ -156,8 +170,9 @@ def build_drafter(config: ml_collections.ConfigDict, target: Gemma4) -> Drafter:
     return drafter
 
 
-def export(drafter_graph, state, path: pathlib.Path, save_drafter) -> None:
-    """The trained drafter in the HF ``gemma4_assistant`` layout."""
+def export(drafter_graph, state, path: os.PathLike, save_drafter) -> None:
+    """The trained drafter in the HF ``gemma4_assistant`` layout (called on every process; process 0 writes)."""
     drafter = nnx.merge(drafter_graph, state.params, state.extra)
     save_drafter(drafter, path)
-    log.info("Exported the drafter to %s (loads with transformers' Gemma4AssistantForCausalLM).", path)
+    if jax.process_index() == 0:
+        log.info("Exported the drafter to %s (loads with transformers' Gemma4AssistantForCausalLM).", path)

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import logging
-import pathlib
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mtp import sharding as sharding_lib
 from mtp.checkpoint import load_target
 from mtp.drafter import save_drafter
 from mtp.training import setup
-from mtp.training.checkpoints import Checkpointer, check_workdir
+from mtp.training.checkpoints import Checkpointer, check_workdir, workdir_path
 from mtp.training.config import loss_config
 from mtp.training.metrics import MetricsWriter, mean_metrics, to_python
 from mtp.training.state import (
@@ -44,7 +46,7 @@ def _device_batch(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
     }
 
 
-def _check_finite(unchecked: list[tuple], last_good: int | None, workdir: pathlib.Path) -> None:
+def _check_finite(unchecked: list[tuple], last_good: int | None, workdir: epath.Path) -> None:
     """Raises naming the first step since the last check whose loss or gradient norm was NaN or Inf."""
     for step, finite, loss, grad_norm in jax.device_get(unchecked):
         if not finite:
@@ -53,6 +55,11 @@ def _check_finite(unchecked: list[tuple], last_good: int | None, workdir: pathli
                 f"left the parameters unchanged). The last good checkpoint is "
                 f"{'step ' + str(last_good) if last_good is not None else 'none'} in {workdir / 'checkpoints'}."
             )
+
+
+def _sum_over_processes(count: int) -> int:
+    """A host-side count (each process counts its own share of the data) summed over all processes."""
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
 
 
 def _log_compiled(name: str, compiled) -> None:
@@ -67,9 +74,12 @@ def _log_compiled(name: str, compiled) -> None:
         )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Trains until ``num_train_steps`` (resuming from the workdir's newest checkpoint) and exports ``workdir/hf``."""
-    workdir = pathlib.Path(workdir)
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Trains until ``num_train_steps`` (resuming from the workdir's newest checkpoint) and exports ``workdir/hf``.
+
+    On many processes every one runs this (``jax.distributed`` initialised first); ``workdir`` may be remote.
+    """
+    workdir = workdir_path(workdir)
     if config.wandb.project and config.wandb.mode == "offline":
         config.wandb.mode = "online"  # naming a project means the user wants the run online
     if config.batch_size % jax.process_count():
@@ -96,10 +106,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     state, state_sh = init_state(params, extra, tx, mesh)
     checkpointer = Checkpointer(workdir, config.keep_checkpoints)
     train_iter = setup.train_iterator(config, train_rows, template)
-    restored = checkpointer.restore_latest(abstract_like(state, state_sh))
+    restored = checkpointer.restore_latest(abstract_like(state, state_sh), train_iter)
     if restored is not None:
-        state, data_state = restored
-        train_iter.set_state(data_state)
+        state = restored
         log.info("Resumed from the checkpoint at step %d.", jax.device_get(state.step))
     start_step = int(jax.device_get(state.step))
 
@@ -141,7 +150,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 record = to_python(mean_metrics(history))
                 now = time.perf_counter()
                 record["tokens_per_second"] = len(history) * config.batch_size * config.seq_len / (now - last_time)
-                record["truncated_examples"] = train_iter.num_truncated
+                record["truncated_examples"] = _sum_over_processes(train_iter.num_truncated)
                 history, last_time = [], now
             if eval_now:
                 start = time.perf_counter()
@@ -152,12 +161,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 writer.write(done, record)
                 summary |= record
             if save_now:
-                checkpointer.save(done, state, train_iter.get_state())
+                checkpointer.save(done, state, train_iter)
                 last_good = done
     finally:
         writer.close()
         checkpointer.close()
         train_iter.close()
-    if jax.process_index() == 0:
-        setup.export(drafter_graph, state, workdir / "hf", save_drafter)
+    setup.export(drafter_graph, state, workdir / "hf", save_drafter)  # every process gathers, process 0 writes
     return summary

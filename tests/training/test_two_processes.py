@@ -1,0 +1,106 @@
+"""Training on two JAX processes (localhost, gloo collectives) is training on one: stopped and resumed, each
+process with its own data-iterator state, it logs the one-process run's losses and exports the same drafter."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from mtp.training import trainer
+
+pytestmark = pytest.mark.slow
+ROOT = pathlib.Path(__file__).parents[2]
+
+
+def two_process_config():
+    """configs/tiny.py:test, shallower (to compile sooner), over 4 devices (2 per process): parameters and batches
+    sharded across the processes."""
+    from configs import tiny
+
+    config = tiny.get_config("test")
+    config.update(num_train_steps=4, log_every_steps=1, eval_every_steps=4, checkpoint_every_steps=2, eval_batches=1)
+    config.drafter.num_layers = 1
+    config.loss.depth = 2
+    config.mesh.update(data=1, fsdp=4, tensor=1)
+    return config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(workdir: pathlib.Path, compile_cache: pathlib.Path, stop_after: int = 0) -> None:
+    """Both processes to the end (or to ``stop_after``), sharing one compilation cache."""
+    env = os.environ | {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "OMP_NUM_THREADS": "1",
+        "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.training.two_process_worker", str(i), port, str(workdir), str(stop_after)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    errors = []
+    try:
+        for proc in procs:
+            errors.append(proc.communicate(timeout=420)[1])
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, err in zip(procs, errors, strict=True):
+        stopped = stop_after and f"stopped after step {stop_after}" in err
+        assert proc.returncode == 0 or stopped, err[-3000:]
+
+
+def logged(workdir: pathlib.Path) -> list[dict]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]
+
+
+def assert_same_run(two: list[dict], one: list[dict]) -> None:
+    """The same steps and metrics; floats to the rounding of a different all-reduce order (gloo across processes)."""
+    assert [sorted(r) for r in two] == [sorted(r) for r in one]
+    for a, b in zip(two, one, strict=True):
+        for key in b:
+            np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=f"step {b['step']}: {key}")
+
+
+def tensors(workdir: pathlib.Path) -> dict[str, np.ndarray]:
+    return safetensors.numpy.load_file(workdir / "hf" / "model.safetensors")
+
+
+def test_two_processes_stop_resume_and_match_one(embedded_cache, tmp_path):
+    one = tmp_path / "one"
+    trainer.train(two_process_config(), one)
+    two, cache = tmp_path / "two", tmp_path / "compile_cache"
+    run_two_processes(two, cache, stop_after=3)  # the last checkpoint is step 2
+    data = two / "checkpoints" / "2" / "data"
+    assert sorted(p.name for p in data.glob("process_*")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    states = [json.loads((data / f"process_{i}-of-2.json").read_text()) for i in range(2)]
+    assert states[0] != states[1], "each process saves the position of its own share of the data"
+    run_two_processes(two, cache)  # the same command again resumes at step 2
+    assert [r["step"] for r in logged(two)] == [1, 2, 3, 4]
+    assert_same_run(logged(two), logged(one))
+    expected, exported = tensors(one), tensors(two)
+    assert exported.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(exported[key], expected[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert (two / "hf" / "config.json").read_text() == (one / "hf" / "config.json").read_text()
