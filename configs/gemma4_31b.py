@@ -5,7 +5,8 @@
 
 Drafter: 4 query-only layers over the target's K/V, width 1024, 32 heads, MLP 4096 (the issue's guidance for the
 released assistants: 4 layers, 1024 wide for the large targets; the small-target width is our choice), centroid
-head: False. Self-distillation (the target answers the prompts itself, ~+acceptance) is on. Sequence length
+head: False. Self-distillation (the target answers the prompts itself, ~+acceptance) is on, as is
+the thought primer (this chat template opens model turns with an empty thought channel). Sequence length
 2048, global batch 64; bf16 compute. Start from Google's official assistant with
 --config.drafter.init_from=/path/to/gemma-4-31B-it-assistant. Launching on a cluster: see README.
 
@@ -24,6 +25,8 @@ from mtp.training.config import full_size_config
 
 def get_config(arg: str | None = None):
     del arg
-    return full_size_config(
+    config = full_size_config(
         preset="gemma4_31b", hidden_size=1024, num_heads=32, intermediate_size=4096, use_ordered_embeddings=False
     )
+    config.data.thought_primer = True  # its chat template opens model turns with an empty thought channel
+    return config

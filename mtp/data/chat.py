@@ -31,6 +31,22 @@ class RowError(UserError):
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenRow:
+    """A conversation kept as the model's own token ids (self-distillation): the prompt it was given, exactly as
+    tokenised, and the answer it produced; the answer is the training target, with no decode and re-encode."""
+
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+
+
+def _ids(row: Mapping, key: str) -> tuple[int, ...]:
+    ids = row.get(key)
+    if not isinstance(ids, Sequence) or isinstance(ids, str) or not all(isinstance(t, int) and t >= 0 for t in ids):
+        raise RowError(f"'{key}' must be a list of non-negative token ids, got {ids!r:.80}.")
+    return tuple(ids)
+
+
+@dataclasses.dataclass(frozen=True)
 class SpecialIds:
     """The control-token ids the template and the trainer rely on."""
 
@@ -64,10 +80,16 @@ def check_messages(messages: object) -> list[dict[str, str]]:
     return checked
 
 
-def parse_row(row: Mapping) -> list[dict[str, str]] | str:
-    """A training row as messages ("messages", or "prompt" + "response") or as plain text ("text")."""
+def parse_row(row: Mapping) -> list[dict[str, str]] | str | TokenRow:
+    """A training row as messages ("messages", or "prompt" + "response"), as plain text ("text"), or as token ids
+    ("prompt_ids" + "answer_ids", as self-distillation writes them)."""
     if not isinstance(row, Mapping):
         raise RowError(f"a row must be a JSON object, got {type(row).__name__}.")
+    if row.get("answer_ids") is not None:
+        answer = _ids(row, "answer_ids")
+        if not answer:
+            raise RowError("'answer_ids' is empty, so nothing to learn from.")
+        return TokenRow(_ids(row, "prompt_ids"), answer)
     if row.get("messages") is not None:
         messages = check_messages(row["messages"])
         if not any(m["role"] == "model" for m in messages):
@@ -82,13 +104,19 @@ def parse_row(row: Mapping) -> list[dict[str, str]] | str:
             raise RowError(f"'text' must be a string, got {type(row['text']).__name__}.")
         return row["text"]
     keys = sorted(k for k, v in row.items() if v is not None)
-    raise RowError(f"a row needs 'messages' (list of {{role, content}}), 'text', or 'prompt' + 'response'; has {keys}.")
+    raise RowError(
+        f"a row needs 'messages' (list of {{role, content}}), 'text', 'prompt' + 'response', or 'prompt_ids' + "
+        f"'answer_ids'; has {keys}."
+    )
 
 
 def prompt_messages(row: Mapping) -> list[dict[str, str]] | None:
-    """A row's conversation up to (not including) its last model turn; None for plain text or a malformed row."""
+    """A row's conversation up to (not including) its last model turn (a token row's "messages": its prompt);
+    None for plain text or a malformed row."""
     try:
         messages = parse_row(row)
+        if isinstance(messages, TokenRow):
+            return check_messages(row["messages"]) if row.get("messages") else None
     except RowError:
         return None
     if isinstance(messages, str):
@@ -169,6 +197,8 @@ class ChatTemplate:
         return tokens, [0] + [1] * (len(tokens) - 1)
 
     def format_row(self, row: Mapping) -> tuple[list[int], list[int]]:
-        """A data row ("messages", "prompt" + "response", or "text") as ids and loss mask."""
+        """A data row ("messages", "prompt" + "response", "text", or token ids) as ids and loss mask."""
         parsed = parse_row(row)
+        if isinstance(parsed, TokenRow):  # the answer is every target, as the model produced it (through <turn|>)
+            return [*parsed.prompt_ids, *parsed.answer_ids], [0] * len(parsed.prompt_ids) + [1] * len(parsed.answer_ids)
         return self.format_text(parsed) if isinstance(parsed, str) else self.format_conversation(parsed)

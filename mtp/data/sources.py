@@ -14,6 +14,7 @@ import pathlib
 from collections.abc import Sequence
 
 import datasets
+from etils import epath
 
 from mtp.data.chat import RowError, parse_row
 from mtp.errors import UserError
@@ -55,18 +56,36 @@ class Rows(Sequence):
         return self.parts[part][1][offset]
 
 
-def _local_files(spec: str) -> list[pathlib.Path]:
-    path = pathlib.Path(spec)
+def _remote_glob(spec: str) -> list[epath.Path]:
+    """``gs://bucket/dir/chats-*.jsonl``: the pattern from the first part that holds a wildcard, through epath."""
+    parts = spec.split("/")
+    first = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    return list(epath.Path("/".join(parts[:first])).glob("/".join(parts[first:])))
+
+
+def _local_files(spec: str) -> list[epath.Path]:
+    """The files of a path, directory or glob; local or remote (``gs://...``, through etils epath)."""
+    path = epath.Path(spec)
     if path.is_dir():
         return sorted(p for p in path.iterdir() if p.suffix in BUILDERS)
-    return sorted(pathlib.Path(p) for p in glob.glob(spec, recursive=True) if pathlib.Path(p).is_file())
+    if "://" in spec and any(c in spec for c in "*?["):
+        return sorted(p for p in _remote_glob(spec) if p.is_file())
+    if "://" in spec:
+        return [path] if path.is_file() else []
+    return sorted(epath.Path(p) for p in glob.glob(spec, recursive=True) if pathlib.Path(p).is_file())
 
 
 def _is_local(spec: str) -> bool:
-    return pathlib.Path(spec).exists() or any(c in spec for c in "*?[") or pathlib.Path(spec).suffix in BUILDERS
+    """A file path or glob (local or remote) rather than a hub data set name."""
+    return (
+        "://" in spec
+        or pathlib.Path(spec).exists()
+        or any(c in spec for c in "*?[")
+        or pathlib.Path(spec).suffix in BUILDERS
+    )
 
 
-def _first_bad_json_line(path: pathlib.Path) -> str | None:
+def _first_bad_json_line(path: epath.Path) -> str | None:
     """Where datasets could not parse a JSONL file, the first line that is not a JSON object, if any."""
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
@@ -78,7 +97,7 @@ def _first_bad_json_line(path: pathlib.Path) -> str | None:
     return None
 
 
-def _load_file(path: pathlib.Path, cache_dir: str | None) -> datasets.Dataset:
+def _load_file(path: epath.Path, cache_dir: str | None) -> datasets.Dataset:
     builder = BUILDERS.get(path.suffix)
     if builder is None:
         raise DataSourceError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(BUILDERS)}.")

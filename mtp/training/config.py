@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
             "eval_files": "",
             "tokenizer": "",  # defaults to the target directory's tokenizer.json
             "embedded": False,  # the corpus made from this machine's Python standard library
+            "thought_primer": False,  # model turns open with an empty thought channel (the 26B/31B templates)
             "num_workers": 0,
             "self_distill": ml_collections.ConfigDict(
                 {"enabled": False, "temperature": 0.0, "max_new_tokens": 256, "batch_size": 16, "max_prompts": 0}

@@ -46,7 +46,11 @@ def target_directory(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
 
 
 def chat_template(config: ml_collections.ConfigDict, target_dir: pathlib.Path) -> ChatTemplate:
-    return ChatTemplate(load_tokenizer(config.data.tokenizer or target_dir))
+    """The target's chat template; ``data.thought_primer`` for targets whose template opens model turns with an
+    empty thought channel (26B-A4B, 31B)."""
+    return ChatTemplate(
+        load_tokenizer(config.data.tokenizer or target_dir), thought_primer=config.data.get("thought_primer", False)
+    )
 
 
 class _Subset(Sequence):
@@ -63,9 +67,10 @@ class _Subset(Sequence):
 
 
 def data_rows(
-    config: ml_collections.ConfigDict, workdir: pathlib.Path, target: Gemma4, template: ChatTemplate
+    config: ml_collections.ConfigDict, workdir: os.PathLike, target: Gemma4, template: ChatTemplate, mesh=None
 ) -> tuple[Sequence, Sequence]:
-    """Train and held-out rows; with self-distillation, the target's own answers to their prompts."""
+    """Train and held-out rows; with self-distillation, the target's own answers to their prompts (decoded with
+    each batch split over ``mesh``'s data-parallel devices)."""
     if config.data.embedded:
         paths = ensure_embedded_dataset(cache_root() / "data")
         train_files, eval_files = [str(paths.train)], [str(paths.eval)]
@@ -88,6 +93,7 @@ def data_rows(
             batch_size=sd.batch_size,
             max_prompts=sd.max_prompts,
             seed=config.seed,
+            mesh=mesh,
         )
         train = load_rows(
             [str(regenerate(target, template, train, workdir / "self_distill" / "train.jsonl", **kwargs))]

@@ -97,7 +97,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     target_dir = setup.target_directory(config, workdir)
     target = load_target(target_dir, mesh=mesh, dtype=jnp.dtype(config.target.dtype))
     template = setup.chat_template(config, target_dir)
-    train_rows, eval_rows = setup.data_rows(config, workdir, target, template)
+    train_rows, eval_rows = setup.data_rows(config, workdir, target, template, mesh)
     drafter = setup.build_drafter(config, target)
     target_graph, target_state = nnx.split(target)
     drafter_graph, params, extra = split_drafter(drafter)

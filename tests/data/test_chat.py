@@ -137,6 +137,8 @@ def test_rows_of_each_kind(template):
         ({"messages": "hello"}, "must be a non-empty list"),
         ({"prompt": "hi"}, "'prompt' and 'response' must both be strings"),
         ({"txt": "typo"}, "needs 'messages'"),
+        ({"prompt_ids": [2, 105], "answer_ids": []}, "'answer_ids' is empty"),
+        ({"prompt_ids": [2, -1], "answer_ids": [7]}, "'prompt_ids' must be a list of non-negative token ids"),
     ],
 )
 def test_malformed_rows_say_what_is_wrong(row, message):
@@ -153,3 +155,11 @@ def test_a_tokenizer_without_gemma4_control_tokens_is_refused():
     plain = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<bos>": 2, "[UNK]": 3}, unk_token="[UNK]"))
     with pytest.raises(TokenizerError, match=r"<\|turn>.*<turn\|>"):
         ChatTemplate(plain)
+
+
+def test_token_rows_are_read_as_the_model_produced_them(template):
+    """Self-distillation's rows: the prompt ids as given, the answer ids (decoded, they would re-encode otherwise)
+    are every training target."""
+    tokens, mask = template.format_row({"prompt_ids": [2, 105, 300, 106, 105], "answer_ids": [301, 302, 106]})
+    assert tokens == [2, 105, 300, 106, 105, 301, 302, 106]
+    assert mask == [0, 0, 0, 0, 0, 1, 1, 1]

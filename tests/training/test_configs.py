@@ -25,6 +25,16 @@ def test_every_config_loads(name):
 BUDGET_GIB = {"gemma4_e2b": 24, "gemma4_e4b": 24, "gemma4_26b_a4b": 40, "gemma4_31b": 40}
 
 
+def test_the_thought_primer_is_on_where_the_target_template_opens_model_turns_with_it():
+    """The 26B-A4B and 31B chat templates put an empty thought channel at the start of model turns; E2B/E4B's do not."""
+    primed = {
+        n
+        for n in ("gemma4_e2b", "gemma4_e4b", "gemma4_26b_a4b", "gemma4_31b")
+        if importlib.import_module(f"configs.{n}").get_config().data.thought_primer
+    }
+    assert primed == {"gemma4_26b_a4b", "gemma4_31b"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BUDGET_GIB))
 def test_full_size_train_step_fits_its_budget_on_8_devices(name):

@@ -1,9 +1,12 @@
 """Self-distillation data: the frozen target's own answers, as conversations the training pipeline reads."""
 
 import json
+import os
 
+import numpy as np
 import pytest
 
+from mtp import sharding as sharding_lib
 from mtp.checkpoint import load_target
 from mtp.data.chat import ChatTemplate
 from mtp.data.pipeline import PipelineConfig, make_eval_batches
@@ -16,29 +19,34 @@ from mtp.embedded.corpus import ensure_embedded_dataset
 pytestmark = pytest.mark.slow
 
 
-def test_the_target_answers_its_prompts_and_the_pipeline_reads_them(embedded_cache, tmp_path):
+def test_the_target_answers_its_prompts_and_the_pipeline_reads_its_ids(embedded_cache, tmp_path):
+    """Rows split over 4 devices (6 prompts in batches of 4, padded to the data-parallel size) answer as
+    ``generate`` does; the file keeps the target's own ids, and training reads exactly those."""
     target_dir = embedded_cache / "tiny_target_test"
-    target = load_target(target_dir)
+    mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 1})
+    target = load_target(target_dir, mesh=mesh)
     template = ChatTemplate(load_tokenizer(target_dir))
     rows = [load_rows([str(ensure_embedded_dataset(embedded_cache / "data").eval)])[i] for i in range(6)]
-    path = regenerate(target, template, rows, tmp_path / "sd.jsonl", max_new_tokens=16, batch_size=4)
+    path = regenerate(target, template, rows, tmp_path / "sd.jsonl", max_new_tokens=16, batch_size=4, mesh=mesh)
 
     written = [json.loads(line) for line in path.read_text().splitlines()]
-    prompts = prompts_of(rows)
+    messages = prompts_of(rows)
+    prompts = [template.prompt_ids(p) for p in messages]
     assert len(written) == len(prompts) == 6
-    expected, _ = generate(
-        target, None, [template.prompt_ids(p) for p in prompts], max_new_tokens=16, stop_tokens=template.stop_tokens
-    )
-    for row, prompt, output in zip(written, prompts, expected, strict=True):
-        assert row["messages"][:-1] == prompt
-        assert row["messages"][-1]["role"] == "model"
-        answer = [t for t in output.token_ids if t not in template.stop_tokens]
-        assert row["messages"][-1]["content"] == template.tokenizer.decode(answer, skip_special_tokens=True)
+    expected, _ = generate(load_target(target_dir), None, prompts, max_new_tokens=16, stop_tokens=template.stop_tokens)
+    for row, turns, prompt, output in zip(written, messages, prompts, expected, strict=True):
+        assert row == {"messages": turns, "prompt_ids": prompt, "answer_ids": output.token_ids}
+    assert prompts_of(written) == messages, "evaluation finds the same prompts in the self-distilled rows"
 
     batches = make_eval_batches(
-        load_rows([str(path)]), template, PipelineConfig(seq_len=64, global_batch_size=2), num_batches=1
+        load_rows([str(path)]), template, PipelineConfig(seq_len=256, global_batch_size=1), num_batches=1
     )
-    assert batches[0]["loss_mask"].sum() > 0
-    mtime = path.stat().st_mtime_ns
-    regenerate(target, template, rows, path, max_new_tokens=16, batch_size=4)
-    assert path.stat().st_mtime_ns == mtime, "a finished data set is reused, not regenerated"
+    tokens, mask = batches[0]["tokens"][0], batches[0]["loss_mask"][0]
+    first = written[0]["prompt_ids"] + written[0]["answer_ids"]
+    np.testing.assert_array_equal(tokens[: len(first)], first)
+    np.testing.assert_array_equal(
+        mask[: len(first)], [0] * len(written[0]["prompt_ids"]) + [1] * (len(first) - len(written[0]["prompt_ids"]))
+    )
+    mtime = os.stat(path).st_mtime_ns
+    regenerate(target, template, rows, path, max_new_tokens=16, batch_size=4, mesh=mesh)
+    assert os.stat(path).st_mtime_ns == mtime, "a finished data set is reused, not regenerated"
