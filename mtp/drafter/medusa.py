@@ -77,7 +77,9 @@ class Medusa(DrafterFamily):
         return target.embed[...]
 
     def full_logits(self, h_BTU: jax.Array, table_VU: jax.Array | None = None) -> jax.Array:
-        """The target's output head (tied embedding, soft-capped as the target caps)."""
+        """The target's output head (tied embedding, soft-capped as the target caps): pass ``vocab_table(target)``."""
+        if table_VU is None:
+            raise ValueError("Medusa heads read the target's output head: pass table_VU=medusa.vocab_table(target).")
         logits_BTV = jnp.einsum("BTU,VU->BTV", h_BTU, table_VU.astype(h_BTU.dtype), preferred_element_type=wide(h_BTU))
         if (cap := self.config.final_logit_softcapping) is not None:
             logits_BTV = jnp.tanh(logits_BTV / cap) * cap
