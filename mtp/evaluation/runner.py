@@ -23,10 +23,11 @@ RESULTS, REPORT = "results.json", "results.md"
 def load_drafter(
     path: str | pathlib.Path, target: Gemma4, *, max_draft_len: int, dtype: jnp.dtype | None = None
 ) -> nnx.Module:
-    """The one place evaluation loads a drafter: a Hugging Face directory, checked against the target it drafts for."""
-    from mtp.drafter import load_drafter as load_hf_drafter  # any family: gemma4_assistant or mtp's own format
+    """The one place evaluation loads a drafter, of any family (gemma4_assistant or mtp's own format), checked against
+    the target it drafts for."""
+    from mtp.drafter import load_drafter as load_any_drafter
 
-    return load_hf_drafter(path, target_config=target.config, max_draft_len=max_draft_len, dtype=dtype)
+    return load_any_drafter(path, target_config=target.config, max_draft_len=max_draft_len, dtype=dtype)
 
 
 def write_report(output_dir: pathlib.Path) -> tuple[str, list[pathlib.Path]]:

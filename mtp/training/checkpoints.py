@@ -30,6 +30,8 @@ RESUMABLE_KEYS = (
     "mesh",
     "wandb",
     "data.num_workers",
+    "eval",  # what eval.py / the main job's evaluation measures, not what is trained
+    "evaluation",  # the same section's name in workdirs from before eval.py's sweeps
 )
 # Of those, the ones the saved data-iterator state depends on (grain's multiprocess prefetch keeps one reader state
 # per worker): they may change only while the workdir holds no checkpoint.

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from configs import tiny
-from mtp.training.checkpoints import WorkdirError
+from mtp.training.checkpoints import WorkdirError, check_workdir
 from mtp.training.run import TARGET_FILE, run
 
 pytestmark = pytest.mark.slow
@@ -80,3 +80,12 @@ def test_a_workdir_of_another_target_or_tokenizer_is_refused_untouched(main_job,
     with pytest.raises(WorkdirError, match="Nothing was changed"):
         run(tiny.get_config("test"), copy, progress=False)
     assert _snapshot(copy) == before
+
+
+def test_other_evaluation_settings_keep_the_workdir(main_job, tmp_path):
+    workdir, _, _ = main_job
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    config = tiny.get_config("test")
+    config.eval.update(temperatures=(0.0, 0.7), batch_sizes=(1, 4))
+    check_workdir(copy, config)  # what is measured is not what is trained: the run resumes
