@@ -61,7 +61,7 @@ E2B_LIKE = hf_oracle.tiny_text_config_dict("e2b_like") | {
     "num_key_value_heads": 1,
     "head_dim": 64,
     "global_head_dim": 128,
-    "layer_types": hf_oracle._layer_types(NUM_LAYERS, (3, 7, 11)),
+    "layer_types": hf_oracle.layer_pattern(NUM_LAYERS, (3, 7, 11)),
     "sliding_window": 128,
     "hidden_size_per_layer_input": 64,
     "num_kv_shared_layers": 6,
@@ -73,7 +73,7 @@ PROMPT_LEN = 16
 def build_target(path: pathlib.Path) -> None:
     """Random weights with hf_oracle's scales, except a larger embedding: the target then repeats tokens often."""
     model = Gemma4ForCausalLM(Gemma4TextConfig(**E2B_LIKE, attn_implementation="eager")).to(torch.float32).eval()
-    hf_oracle._randomize_(model, seed=1)
+    hf_oracle.randomize_(model, seed=1)
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(3.2)
     hf_oracle.save_target(model, path)

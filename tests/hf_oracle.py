@@ -100,6 +100,10 @@ def _patched_kv_sharing_modes(self: Gemma4TextConfig) -> list[str | None]:
     return modes
 
 
+# transformers' own property, kept so tests can check that the patch agrees with upstream where upstream works.
+UPSTREAM_KV_SHARING_MODES: list[property] = []
+
+
 def patch_kv_sharing_modes() -> None:
     """Idempotently replace `Gemma4TextConfig.kv_sharing_modes` by the fixed rule (reference doc P1)."""
     # 5.23.0 is broken in two cases. (a) Assistants share all layers: the producer prefix is empty, the
@@ -111,8 +115,7 @@ def patch_kv_sharing_modes() -> None:
     # numerics are unchanged: storing only keeps a reference to K/V the layer computes anyway.
     if getattr(Gemma4TextConfig, "_mtp_kv_sharing_patched", False):
         return
-    # Kept so tests can check that the patch agrees with upstream where upstream works.
-    Gemma4TextConfig._mtp_upstream_kv_sharing_modes = Gemma4TextConfig.kv_sharing_modes
+    UPSTREAM_KV_SHARING_MODES.append(Gemma4TextConfig.kv_sharing_modes)
     Gemma4TextConfig.kv_sharing_modes = property(_patched_kv_sharing_modes)
     Gemma4TextConfig._mtp_kv_sharing_patched = True
 
@@ -120,7 +123,7 @@ def patch_kv_sharing_modes() -> None:
 patch_kv_sharing_modes()
 
 
-def _layer_types(num_layers: int, full_layers: tuple[int, ...]) -> list[str]:
+def layer_pattern(num_layers: int, full_layers: tuple[int, ...]) -> list[str]:
     """Explicit layer_types list with the given full-attention layers."""
     return [_F if i in full_layers else _S for i in range(num_layers)]
 
@@ -138,7 +141,7 @@ def tiny_text_config_dict(kind: str) -> dict[str, Any]:
         "num_key_value_heads": 2,
         "head_dim": 16,
         "global_head_dim": 32,
-        "layer_types": _layer_types(6, (2, 5)),
+        "layer_types": layer_pattern(6, (2, 5)),
         "sliding_window": SLIDING_WINDOW,
         "final_logit_softcapping": SOFTCAP,
         "rms_norm_eps": 1e-6,
@@ -187,7 +190,7 @@ def _persistent_buffer_names(model: torch.nn.Module) -> set[str]:
     }
 
 
-def _randomize_(model: torch.nn.Module, seed: int) -> None:
+def randomize_(model: torch.nn.Module, seed: int) -> None:
     """Overwrite every parameter and persistent buffer with seeded random values far from their init."""
     gen = torch.Generator().manual_seed(seed)
     norm_weights = {
@@ -238,7 +241,7 @@ def build_target(kind: str, seed: int = 0) -> Gemma4ForCausalLM:
     """Tiny f32 eager Gemma4ForCausalLM of `kind` with every weight randomised (seeded)."""
     config = Gemma4TextConfig(**tiny_text_config_dict(kind), attn_implementation="eager")
     model = Gemma4ForCausalLM(config).to(torch.float32).eval()
-    _randomize_(model, seed)  # overwrites every saved tensor, so HF's own (global-RNG) init does not matter
+    randomize_(model, seed)  # overwrites every saved tensor, so HF's own (global-RNG) init does not matter
     return model
 
 
@@ -289,7 +292,7 @@ def rewrite_config_hub_form(path: str | os.PathLike[str]) -> None:
         json.dump(config, f, indent=2, sort_keys=True)
 
 
-def _realign_(model: torch.nn.Module) -> None:
+def realign_(model: torch.nn.Module) -> None:
     """Move every tensor out of the safetensors mmap into fresh aligned memory (Q5)."""
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
@@ -312,7 +315,7 @@ def load_target(path: str | os.PathLike[str]) -> Gemma4ForCausalLM:
         model.model.load_state_dict(full.model.language_model.state_dict(), strict=True)
     else:
         raise ValueError(f"not a Gemma 4 target checkpoint: model_type {model_type!r}")
-    _realign_(model)
+    realign_(model)
     return model.eval()
 
 
@@ -321,13 +324,14 @@ def load_assistant(path: str | os.PathLike[str]) -> Gemma4AssistantForCausalLM:
     model = Gemma4AssistantForCausalLM.from_pretrained(
         os.fspath(path), attn_implementation="eager", dtype=torch.float32
     )
-    _realign_(model)
+    realign_(model)
     return model.eval()
 
 
-def _np(tensor: torch.Tensor) -> np.ndarray:
-    """Detached float32 numpy copy."""
-    return tensor.detach().to(torch.float32).cpu().numpy()
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """Detached numpy copy: float64 stays float64 (the exact references), any other float becomes float32."""
+    tensor = tensor.detach().cpu()
+    return (tensor if tensor.dtype == torch.float64 else tensor.to(torch.float32)).numpy()
 
 
 def reference_forward(model: Gemma4ForCausalLM, input_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -339,10 +343,10 @@ def reference_forward(model: Gemma4ForCausalLM, input_ids: np.ndarray) -> dict[s
             output_hidden_states=True,
             return_shared_kv_states=True,
         )
-    result = {"logits": _np(out.logits), "hidden": _np(out.hidden_states[-1])}
+    result = {"logits": to_numpy(out.logits), "hidden": to_numpy(out.hidden_states[-1])}
     for short, layer_type in (("sliding", _S), ("full", _F)):
         k, v = out.shared_kv_states[layer_type]
-        result[f"{short}_k"], result[f"{short}_v"] = _np(k), _np(v)
+        result[f"{short}_k"], result[f"{short}_v"] = to_numpy(k), to_numpy(v)
     return result
 
 
@@ -391,7 +395,7 @@ def tiny_assistant_config_dict(target_kind: str, ordered: bool) -> dict[str, Any
         "num_key_value_heads": target["num_key_value_heads"],
         "head_dim": target["head_dim"],
         "global_head_dim": target["global_head_dim"],
-        "layer_types": _layer_types(4, (3,)),
+        "layer_types": layer_pattern(4, (3,)),
         "sliding_window": target["sliding_window"],
         # Copied from the target like a real drafter config; HF's assistant never applies it (doc §3.3).
         "final_logit_softcapping": target["final_logit_softcapping"],
@@ -421,7 +425,7 @@ def build_assistant(target_kind: str, ordered: bool, seed: int = 0) -> Gemma4Ass
     config_dict = tiny_assistant_config_dict(target_kind, ordered)
     config = Gemma4AssistantConfig(**config_dict, attn_implementation="eager")  # reaches text_config too
     model = Gemma4AssistantForCausalLM(config).to(torch.float32).eval()
-    _randomize_(model, seed)
+    randomize_(model, seed)
     # P2: the candidate generator reads this from the assistant's own generation config and crashes on None.
     model.generation_config.num_assistant_tokens = NUM_ASSISTANT_TOKENS
     return model
@@ -457,7 +461,7 @@ def reference_draft_step(
             shared_kv_states=kv,
             use_cache=False,
         )
-    return {"logits": _np(out.logits), "projected": _np(out.last_hidden_state)}
+    return {"logits": to_numpy(out.logits), "projected": to_numpy(out.last_hidden_state)}
 
 
 def reference_assisted_greedy(

@@ -63,7 +63,7 @@ def test_patched_kv_sharing_modes(kind: str) -> None:
     assert tuple(stores) == STORE_LAYERS[kind]
     assert {config.layer_types[i] for i in stores} == {"sliding_attention", "full_attention"}
     if config.num_kv_shared_layers:
-        upstream = Gemma4TextConfig._mtp_upstream_kv_sharing_modes.fget(config)
+        upstream = oracle.UPSTREAM_KV_SHARING_MODES[0].fget(config)
         assert modes == upstream  # where upstream works, the patch agrees with it
     assistant_text = oracle.build_assistant(kind, ordered=False).config.text_config
     assert assistant_text.kv_sharing_modes == ["reuse"] * 4
@@ -140,7 +140,7 @@ def test_save_and_reload(kind: str, layout: str, targets: dict[str, torch.nn.Mod
         assert config["architectures"] == ["Gemma4ForConditionalGeneration"]
         assert config["text_config"]["model_type"] == "gemma4_text" and config["vision_config"] is None
         full = Gemma4ForConditionalGeneration.from_pretrained(plain, attn_implementation="eager")
-        oracle._realign_(full)
+        oracle.realign_(full)
         np.testing.assert_array_equal(_logits(full.eval(), ids), want_logits)
     else:
         assert config["model_type"] == "gemma4_text" and "per_layer_config" in config

@@ -69,14 +69,13 @@ def hf_refs(assistant, theirs) -> dict[str, np.ndarray]:
     return {name: np.concatenate([r[name] for r in rows]) for name in ("logits", "projected")}
 
 
-def hf_refs_float64(assistant, theirs, monkeypatch) -> dict[str, np.ndarray]:
+def hf_refs_float64(assistant, theirs) -> dict[str, np.ndarray]:
     """The same steps with transformers entirely in float64 (same inputs, upcast)."""
     theirs = [
         (inputs.astype(np.float64), pos, {t: (k.astype(np.float64), v.astype(np.float64)) for t, (k, v) in kv.items()})
         for inputs, pos, kv in theirs
     ]
-    with monkeypatch.context() as patch, transformers_in_float64():
-        patch.setattr(hf_oracle, "_np", lambda tensor: tensor.detach().cpu().numpy())  # keep float64
+    with transformers_in_float64():
         try:
             return hf_refs(assistant.double(), theirs)
         finally:
@@ -91,11 +90,11 @@ def ours(drafter, inputs, dtype=jnp.float32) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize(("kind", "ordered"), CASES, ids=IDS)
-def test_draft_step_matches_transformers(kind, ordered, targets, assistants, monkeypatch):
+def test_draft_step_matches_transformers(kind, ordered, targets, assistants):
     hf_target, _ = targets(kind)
     hf_assistant, path, drafter = assistants(kind, ordered)
     inputs, theirs = step_inputs(hf_target)
-    ref32, ref64 = hf_refs(hf_assistant, theirs), hf_refs_float64(hf_assistant, theirs, monkeypatch)
+    ref32, ref64 = hf_refs(hf_assistant, theirs), hf_refs_float64(hf_assistant, theirs)
     got = ours(drafter, inputs)
     with jax.enable_x64(True):
         got64 = ours(load_drafter(path, dtype=jnp.float64), inputs, jnp.float64)
