@@ -1,6 +1,7 @@
 """Test setup: 8 simulated CPU devices (set before jax is imported) and one torch thread; the session's shared
 fixtures: the embedded corpus, the tiny test target, and one finished run of configs/tiny.py:test."""
 
+import functools
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -58,3 +59,20 @@ def tiny_run(embedded_cache, tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("job") / "run"
     return workdir, run(tiny.get_config("test"), workdir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def oracle_target(tmp_path_factory):
+    """kind -> (random HF target of that kind (seed 1), its checkpoint directory, our target loaded from it), built
+    on first use and shared by the oracle, drafter, engine and parity tests."""
+    from mtp.checkpoint.hf_target import load_target
+    from tests import hf_oracle
+
+    @functools.cache
+    def get(kind):
+        hf_model = hf_oracle.build_target(kind, seed=1)
+        path = tmp_path_factory.mktemp(f"target_{kind}")
+        hf_oracle.save_target(hf_model, path)
+        return hf_model, path, load_target(path)
+
+    return get

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp.checkpoint import load_target
 from mtp.decoding import engine
 from mtp.decoding.engine import round_counts, stop_token_array
 from mtp.decoding.generate import GREEDY, DecodeInputError, generate, summarize
@@ -19,11 +18,9 @@ MAX_NEW = 24
 
 
 @pytest.fixture(scope="module", params=hf_oracle.TARGET_KINDS)
-def target_pair(request, tmp_path_factory):
-    hf_model = hf_oracle.build_target(request.param, seed=1)
-    path = tmp_path_factory.mktemp(request.param)
-    hf_oracle.save_target(hf_model, path)
-    return request.param, hf_model, load_target(path)
+def target_pair(request, oracle_target):
+    hf_model, _, target = oracle_target(request.param)
+    return request.param, hf_model, target
 
 
 def prompts_of(batch: int, seed: int = 0) -> list[list[int]]:
@@ -132,10 +129,14 @@ def test_a_bf16_target_decodes_in_bf16_and_matches_float32():
     prompts = [np.random.default_rng(3).integers(3, 64, n).tolist() for n in (11, 4, 17, 1)]
     want, _ = generate(target=f32, drafter=None, prompts=prompts, max_new_tokens=12, stop_tokens=())
     # Clear margins: along the float32 path, every greedy choice beats the runner-up by a wide logit gap.
+    rows = [prompt + output.token_ids for prompt, output in zip(prompts, want, strict=True)]
+    padded = np.zeros((len(rows), max(map(len, rows))), np.int32)  # right padding: causal, so rows are unchanged
+    for row, tokens in zip(padded, rows, strict=True):
+        row[: len(tokens)] = tokens
+    logits = np.asarray(f32(jnp.asarray(padded))[0].logits)
     margins = []
-    for prompt, output in zip(prompts, want, strict=True):
-        logits = np.asarray(f32(jnp.asarray([prompt + output.token_ids]))[0].logits[0, len(prompt) - 1 : -1])
-        top2 = np.sort(logits, axis=-1)[:, -2:]
+    for row, (prompt, tokens) in enumerate(zip(prompts, rows, strict=True)):
+        top2 = np.sort(logits[row, len(prompt) - 1 : len(tokens) - 1], axis=-1)[:, -2:]
         margins.append(np.min(top2[:, 1] - top2[:, 0]))
     assert min(margins) > 1.0, f"fixture margins too small for a bf16 comparison: {margins}"
     drafter = in_dtype(random_drafter(f32), jnp.bfloat16)

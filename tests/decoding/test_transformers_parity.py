@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
 
-from mtp.checkpoint import load_target
 from mtp.checkpoint.hf_drafter import load_drafter, save_drafter
 from mtp.decoding.generate import generate
 from tests import hf_oracle
@@ -33,15 +32,14 @@ def candidate_prompt(seed: int) -> list[int]:
 
 
 @pytest.fixture(scope="module", params=hf_oracle.TARGET_KINDS)
-def pair(request, tmp_path_factory):
+def pair(request, tmp_path_factory, oracle_target):
     """(kind, HF target reloaded from its checkpoint, our target from the same checkpoint, assistant dir)."""
     kind = request.param
-    path = tmp_path_factory.mktemp(f"target_{kind}")
-    hf_oracle.save_target(hf_oracle.build_target(kind, seed=1), path)
+    _, path, target = oracle_target(kind)
     assistant = tmp_path_factory.mktemp(f"assistant_{kind}")
     hf_model = hf_oracle.build_assistant(kind, ordered=kind in ORDERED_KINDS, seed=2)
     hf_oracle.save_assistant(hf_model, assistant, num_assistant_tokens=DRAFT_LEN)
-    return kind, hf_oracle.load_target(path), load_target(path), assistant
+    return kind, hf_oracle.load_target(path), target, assistant
 
 
 @pytest.fixture

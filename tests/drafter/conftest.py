@@ -7,24 +7,15 @@ import pytest
 import torch
 
 from mtp.checkpoint.hf_drafter import load_drafter
-from mtp.checkpoint.hf_target import load_target
 from mtp.gemma4.config import FULL, SLIDING
 from mtp.gemma4.model import LayerKV
 from tests import hf_oracle
 
 
 @pytest.fixture(scope="session")
-def targets(tmp_path_factory):
-    """kind -> (HF target, our target loaded from its checkpoint), built on first use."""
-
-    @functools.cache
-    def get(kind):
-        hf_model = hf_oracle.build_target(kind, seed=1)
-        path = tmp_path_factory.mktemp(f"target_{kind}")
-        hf_oracle.save_target(hf_model, path)
-        return hf_model, load_target(path)
-
-    return get
+def targets(oracle_target):
+    """kind -> (HF target, our target loaded from its checkpoint), built on first use (tests/conftest.py)."""
+    return lambda kind: (oracle_target(kind)[0], oracle_target(kind)[2])
 
 
 @pytest.fixture(scope="session")

@@ -29,12 +29,9 @@ PROMPT, TOTAL = 12, 40  # sliding window is 8: decoding runs far past it
 
 
 @pytest.fixture(scope="module", params=hf_oracle.TARGET_KINDS)
-def pair(request, tmp_path_factory):
+def pair(request, oracle_target):
     """A random HF target of one kind, its checkpoint directory, and our model loaded from it."""
-    hf_model = hf_oracle.build_target(request.param, seed=1)
-    path = tmp_path_factory.mktemp(request.param)
-    hf_oracle.save_target(hf_model, path)
-    return request.param, hf_model, path, load_target(path)
+    return request.param, *oracle_target(request.param)
 
 
 def token_ids(batch: int, length: int, seed: int = 0) -> np.ndarray:
