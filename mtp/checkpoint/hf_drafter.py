@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from mtp.checkpoint.hf_target import (
@@ -25,10 +24,11 @@ from mtp.checkpoint.hf_target import (
     read_config,
 )
 from mtp.checkpoint.layout import Layout, linear, same
-from mtp.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint, host_value, save_safetensors
+from mtp.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint, save_safetensors
 from mtp.drafter.config import DrafterConfig, DrafterConfigError, config_from_hf, config_to_hf
 from mtp.drafter.model import Drafter
 from mtp.gemma4.config import Gemma4Config
+from mtp.multihost import barrier, host_value
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def save_drafter(
         tensors[TOKEN_ORDERING] = host_value(drafter.token_ordering.get_value()).astype(np.int64)
     if jax.process_index() == 0:
         _write_drafter(tensors, config, epath.Path(model_dir), num_assistant_tokens)
-    multihost_utils.sync_global_devices("mtp: drafter exported")
+    barrier("drafter exported")
 
 
 def _write_drafter(tensors: dict, config: DrafterConfig, model_dir: epath.Path, num_assistant_tokens: int) -> None:

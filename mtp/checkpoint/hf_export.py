@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from mtp.checkpoint.hf_target import target_layouts
-from mtp.checkpoint.safetensors_io import host_value, save_safetensors
+from mtp.checkpoint.safetensors_io import save_safetensors
 from mtp.gemma4.config import Gemma4Config, decoder_fields_to_hf
 from mtp.gemma4.model import Gemma4
+from mtp.multihost import barrier, host_value
 
 ARCHITECTURE = "Gemma4ForCausalLM"
 MODEL_TYPE = "gemma4_text"
@@ -77,5 +77,5 @@ def save_target(model: Gemma4, path: str | os.PathLike, *, dtype: jnp.dtype | No
         stored = np.dtype(tensors["model.embed_tokens.weight"].dtype).name
         # transformers >= 5 names the stored dtype "dtype" (and reads the older "torch_dtype" only as a fallback).
         _write_json(path / "config.json", config_to_hf(config) | {"dtype": stored})
-    multihost_utils.sync_global_devices("mtp: target exported")
+    barrier("target exported")
     return path

@@ -19,14 +19,12 @@ import re
 import tempfile
 from collections.abc import Iterator, Mapping
 
-import jax
 import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
 from etils import epath
 from huggingface_hub import split_state_dict_into_shards_factory
-from jax.experimental import multihost_utils
 
 from mtp.errors import UserError
 
@@ -220,14 +218,6 @@ def _replace_atomically(path: pathlib.Path, write) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def host_value(x) -> np.ndarray:
-    """The full value of one (possibly globally sharded) array on this host: an all-gather across processes when
-    it spans several, so every process must call it, in the same order; one tensor at a time bounds host memory."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def is_remote(path: str | os.PathLike) -> bool:

@@ -20,16 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtp import sharding as sharding_lib
-from mtp.checkpoint.safetensors_io import host_value
 from mtp.data.chat import ChatTemplate, prompt_messages
 from mtp.decoding.engine import decode_loop, stop_token_array
 from mtp.decoding.generate import padded_length
 from mtp.decoding.sampling import Sampling
 from mtp.gemma4.model import Gemma4
+from mtp.multihost import barrier, host_value
 
 log = logging.getLogger(__name__)
 
@@ -143,5 +142,5 @@ def regenerate(
     if writer:
         f.close()
         partial.rename(path)  # only a complete file is ever read as a finished data set
-    multihost_utils.sync_global_devices(f"mtp: {path.name} written")
+    barrier(f"{path.name} written")
     return path

@@ -12,9 +12,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
 from mtp.errors import UserError
+from mtp.multihost import barrier
 from mtp.training.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,11 @@ def check_workdir(workdir: epath.Path, config: ml_collections.ConfigDict) -> Non
                     f"state cannot be resumed with {key}={now}: rerun with --config.{key}={before}, or use a new "
                     "--workdir. Nothing was changed."
                 )
-    multihost_utils.sync_global_devices("mtp: config.json checked")
+    barrier("config.json checked")
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config.to_dict(), indent=1, default=list))
-    multihost_utils.sync_global_devices("mtp: config.json written")
+    barrier("config.json written")
 
 
 def _differences(a, b, prefix=""):

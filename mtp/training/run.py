@@ -12,11 +12,13 @@ import json
 import logging
 import pathlib
 
+import jax
 import ml_collections
 
 from mtp.checkpoint.safetensors_io import CheckpointError
+from mtp.multihost import barrier
 from mtp.training import setup
-from mtp.training.checkpoints import WorkdirError
+from mtp.training.checkpoints import WorkdirError, workdir_path
 
 log = logging.getLogger(__name__)
 TARGET_FILE = "target.json"
@@ -53,15 +55,17 @@ def check_target(workdir: pathlib.Path, identity: dict, target_dir: pathlib.Path
             f"{workdir} holds a run that does not say which target it was trained against (no {TARGET_FILE}); it may "
             "predate the current embedded target. Use a new --workdir. Nothing was changed."
         )
-    workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"target_dir": str(target_dir), **identity}, indent=1) + "\n")
+    barrier("target.json checked")  # every process has read, one writes
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"target_dir": str(target_dir), **identity}, indent=1) + "\n")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progress: bool = True) -> dict:
     """Trains (resuming where the workdir left off), then evaluates when ``config.eval.after_training``."""
     from mtp.training.trainer import train
 
-    workdir = pathlib.Path(workdir)
+    workdir = workdir_path(workdir)  # gs:// and other remote workdirs too
     target_dir = setup.target_directory(config, workdir)
     check_target(workdir, target_identity(config, target_dir), target_dir)
     summary = {"train": train(config, workdir)}

@@ -13,7 +13,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mtp.checkpoint.safetensors_io import host_value
 from mtp.data.chat import ChatTemplate
 from mtp.data.pipeline import PipelineConfig, make_eval_batches, make_train_iterator
 from mtp.data.sources import load_rows
@@ -24,6 +23,7 @@ from mtp.drafter.families import build as build_family
 from mtp.drafter.model import Drafter
 from mtp.embedded.corpus import ensure_embedded_dataset
 from mtp.gemma4.model import Gemma4
+from mtp.multihost import host_value
 from mtp.training.centroids import balanced_clusters, cluster_means
 
 log = logging.getLogger(__name__)

@@ -12,11 +12,11 @@ import ml_collections
 import numpy as np
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from mtp import sharding as sharding_lib
 from mtp.checkpoint import load_target
 from mtp.drafter import save_drafter
+from mtp.multihost import sum_over_processes
 from mtp.training import setup
 from mtp.training.checkpoints import Checkpointer, check_workdir, workdir_path
 from mtp.training.config import loss_config
@@ -55,11 +55,6 @@ def _check_finite(unchecked: list[tuple], last_good: int | None, workdir: epath.
                 f"left the parameters unchanged). The last good checkpoint is "
                 f"{'step ' + str(last_good) if last_good is not None else 'none'} in {workdir / 'checkpoints'}."
             )
-
-
-def _sum_over_processes(count: int) -> int:
-    """A host-side count (each process counts its own share of the data) summed over all processes."""
-    return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
 
 
 def _log_compiled(name: str, compiled) -> None:
@@ -150,7 +145,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 record = to_python(mean_metrics(history))
                 now = time.perf_counter()
                 record["tokens_per_second"] = len(history) * config.batch_size * config.seq_len / (now - last_time)
-                record["truncated_examples"] = _sum_over_processes(train_iter.num_truncated)
+                record["truncated_examples"] = sum_over_processes(train_iter.num_truncated)
                 history, last_time = [], now
             if eval_now:
                 start = time.perf_counter()

@@ -21,6 +21,7 @@ from mtp.training import step as step_lib
 from mtp.training.checkpoints import WorkdirError, check_workdir
 from mtp.training.config import loss_config
 from mtp.training.loss import distill_loss, frozen_target
+from mtp.training.metrics import mean_metrics
 from tests import hf_oracle
 
 # 12 steps; logs every 2, evaluates every 3 (and at the end), checkpoints every 4.
@@ -121,9 +122,14 @@ def test_the_last_eval_metrics_are_those_of_the_exported_drafter(finished_run):
 
     results = [evaluate(drafter, target, {k: jnp.asarray(v) for k, v in b.items()}) for b in batches]
     last = logged(finished_run)[-1]
-    np.testing.assert_allclose(last["eval_loss"], np.mean([loss for loss, _ in results]), rtol=1e-5)
-    agreement = np.mean([m["top1_agreement"] for _, m in results], axis=0)
-    np.testing.assert_allclose(last["eval_top1_agreement"], agreement, rtol=1e-5)
+    # Batches weighted by their trained tokens, as the trainer averages them.
+    weighted = [
+        {"loss": loss, **m, "trained_tokens": b["loss_mask"].sum()}
+        for (loss, m), b in zip(results, batches, strict=True)
+    ]
+    expected = mean_metrics(weighted)
+    np.testing.assert_allclose(last["eval_loss"], expected["loss"], rtol=1e-5)
+    np.testing.assert_allclose(last["eval_top1_agreement"], expected["top1_agreement"], rtol=1e-5)
 
 
 def test_the_export_drives_transformers_assisted_generation(finished_run, embedded_cache):

@@ -1,5 +1,6 @@
-"""Training on two JAX processes (localhost, gloo collectives) is training on one: stopped and resumed, each
-process with its own data-iterator state, it logs the one-process run's losses and exports the same drafter."""
+"""Training on two JAX processes (localhost, gloo collectives) is training on one: self-distillation is decoded
+by both and written once, and a run stopped and resumed, each process with its own data-iterator state, logs the
+one-process run's losses and exports the same drafter."""
 
 import json
 import os
@@ -12,7 +13,10 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from mtp.training import trainer
+from mtp import sharding as sharding_lib
+from mtp.checkpoint import load_target
+from mtp.data.self_distill import regenerate
+from mtp.training import setup, trainer
 
 pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).parents[2]
@@ -20,7 +24,8 @@ ROOT = pathlib.Path(__file__).parents[2]
 
 def two_process_config():
     """configs/tiny.py:test, shallower (to compile sooner), over 4 devices (2 per process): parameters and batches
-    sharded across the processes."""
+    sharded across the processes. Its packed rows hold one example each (64 tokens), so one process's global
+    batch holds the same examples as the two processes' halves."""
     from configs import tiny
 
     config = tiny.get_config("test")
@@ -29,6 +34,18 @@ def two_process_config():
     config.loss.depth = 2
     config.mesh.update(data=1, fsdp=4, tensor=1)
     return config
+
+
+def self_distill(workdir: pathlib.Path) -> None:
+    """The target's answers to 6 held-out prompts (8 tokens each), decoded in batches of 4 split over the devices."""
+    config = two_process_config()
+    mesh = sharding_lib.make_mesh(config.mesh.to_dict())
+    target_dir = setup.target_directory(config, workdir)
+    target, template = load_target(target_dir, mesh=mesh), setup.chat_template(config, target_dir)
+    rows = setup.data_rows(config, workdir, target, template)[1]
+    regenerate(
+        target, template, rows, workdir / "self_distill.jsonl", max_new_tokens=8, batch_size=4, max_prompts=6, mesh=mesh
+    )
 
 
 def free_port() -> int:
@@ -89,13 +106,13 @@ def tensors(workdir: pathlib.Path) -> dict[str, np.ndarray]:
 
 def test_two_processes_stop_resume_and_match_one(embedded_cache, tmp_path):
     one = tmp_path / "one"
+    self_distill(one)
     trainer.train(two_process_config(), one)
     two, cache = tmp_path / "two", tmp_path / "compile_cache"
     run_two_processes(two, cache, stop_after=3)  # the last checkpoint is step 2
+    assert (two / "self_distill.jsonl").read_text() == (one / "self_distill.jsonl").read_text()
     data = two / "checkpoints" / "2" / "data"
     assert sorted(p.name for p in data.glob("process_*")) == ["process_0-of-2.json", "process_1-of-2.json"]
-    states = [json.loads((data / f"process_{i}-of-2.json").read_text()) for i in range(2)]
-    assert states[0] != states[1], "each process saves the position of its own share of the data"
     run_two_processes(two, cache)  # the same command again resumes at step 2
     assert [r["step"] for r in logged(two)] == [1, 2, 3, 4]
     assert_same_run(logged(two), logged(one))
