@@ -1,5 +1,5 @@
-"""The decode loop with every drafter family: greedy output is the target's own, sampled output is distributed as
-the target's (the Gemma 4 drafter's sampling test is ``test_lossless.py``; the same chi-square test here)."""
+"""The decode loop with the Medusa and EAGLE-3 drafters: greedy output is the target's own, sampled output is
+distributed as the target's (the Gemma 4 drafter's are ``test_engine.py`` and ``test_lossless.py``)."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ from mtp.decoding.sampling import Sampling
 from mtp.gemma4.config import FULL, SLIDING, Gemma4Config
 from mtp.gemma4.model import Gemma4
 from tests.decoding.test_lossless import FIT, NEW, PROMPT, SAMPLES, VOCAB, counts_of, exact_probs, fit_p_value
-from tests.drafter.families import NAMES, make_drafter, tiny_target
+from tests.drafter.families import NEW_FAMILIES, make_drafter, tiny_target
 
 MAX_NEW = 16
 
@@ -20,7 +20,7 @@ def target():
     return tiny_target()
 
 
-@pytest.mark.parametrize("family", NAMES)
+@pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_greedy_speculative_equals_plain_at_batch_1_and_4(target, family):
     drafter = make_drafter(family, target)
     rng = np.random.default_rng(3)
@@ -54,7 +54,7 @@ def small_vocab_target():
     return target
 
 
-@pytest.mark.parametrize("family", ["eagle3", "medusa"])
+@pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_speculative_sampling_matches_the_target(small_vocab_target, family):
     target = small_vocab_target
     sampling = Sampling(temperature=1.0)

@@ -12,7 +12,7 @@ from mtp.drafter import Anchor, draft, family_of, load_drafter, save_drafter
 from mtp.gemma4.cache import KVCache
 from mtp.gemma4.model import drafter_kv_from_cache
 from mtp.training.loss import LossConfig, distill_loss, frozen_target, unroll
-from tests.drafter.families import NAMES, make_drafter, params_of, tiny_target
+from tests.drafter.families import NAMES, NEW_FAMILIES, make_drafter, params_of, tiny_target
 
 DEPTH, LENGTH = 3, 24
 ANCHORS = np.array([5, 13], np.int32)  # 13: past the sliding window (8), so the target's ring cache wraps
@@ -57,7 +57,7 @@ def training_logits(drafter, target, batch):
     return [drafter.full_logits(d.features.normed, table) for d in unroll(drafter, target, target_out, batch, DEPTH)]
 
 
-@pytest.mark.parametrize("family", NAMES)
+@pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_training_unrolls_the_drafter_as_drafting_runs_it(target, drafters, family):
     """Depth j at anchor q of the teacher-forced unroll == draft step j from the cache committed up to q, when the
     sequence continues with the drafter's own greedy drafts (so every depth is fed the same tokens)."""
