@@ -93,7 +93,7 @@ def run_decode(config: ml_collections.ConfigDict) -> dict:
     target = load_target(config.target.hf_path, dtype=jnp.dtype(config.target.dtype))
     drafter = None
     if config.draft_len:
-        from mtp.checkpoint.hf_drafter import load_drafter
+        from mtp.drafter import load_drafter  # any family
 
         drafter = load_drafter(
             config.drafter.hf_path, target_config=target.config, dtype=jnp.dtype(config.target.dtype)
