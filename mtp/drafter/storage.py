@@ -14,21 +14,24 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import safetensors.numpy
+from etils import epath
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
+from mtp.checkpoint.hf_target import local_directory
 from mtp.checkpoint.safetensors_io import CheckpointError
 from mtp.drafter.families import FAMILIES, GEMMA4
 from mtp.drafter.interface import DrafterFamily
 from mtp.gemma4.config import Gemma4Config
+from mtp.multihost import barrier, host_value
 
 FORMAT, VERSION, WEIGHTS = "mtp_drafter", 1, "model.safetensors"
 
 
 def family_of(model_dir: str | os.PathLike) -> str:
     """The family a saved drafter directory holds (its config.json's ``family``; HF assistants are ``gemma4``)."""
-    path = pathlib.Path(model_dir) / "config.json"
+    path = local_directory(model_dir) / "config.json"  # a remote one is refused, saying how to copy it
     if not path.is_file():
         raise CheckpointError(f"{path}: no config.json; point at a saved drafter directory.")
     config = json.loads(path.read_text())
@@ -40,19 +43,24 @@ def family_of(model_dir: str | os.PathLike) -> str:
 
 
 def save_drafter(drafter: DrafterFamily, model_dir: str | os.PathLike, **kwargs) -> None:
-    """Writes ``drafter`` to ``model_dir``: HF layout for the Gemma 4 drafter (``kwargs`` go to it), else ours."""
+    """Writes ``drafter`` to ``model_dir``: HF layout for the Gemma 4 drafter (``kwargs`` go to it), else ours.
+
+    On many processes every one calls this and process 0 writes; ``model_dir`` may be remote (``gs://...``)."""
     if drafter.family == GEMMA4:
         from mtp.checkpoint.hf_drafter import save_drafter as save_hf
 
         return save_hf(drafter, model_dir, **kwargs)
-    model_dir = pathlib.Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
     flat = nnx.to_flat_state(nnx.state(drafter, nnx.Param))
-    tensors = {".".join(map(str, path)): np.asarray(jax.device_get(v[...])) for path, v in flat}
-    save_file(tensors, str(model_dir / WEIGHTS))
-    document = {"format": FORMAT, "version": VERSION, "family": drafter.family}
-    document["config"] = dataclasses.asdict(drafter.config)
-    (model_dir / "config.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    # Every process gathers (parameters may be sharded across processes), one tensor at a time; process 0 writes.
+    tensors = {".".join(map(str, path)): host_value(v[...]) for path, v in flat}
+    if jax.process_index() == 0:
+        model_dir = epath.Path(model_dir)  # gs:// too
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / WEIGHTS).write_bytes(safetensors.numpy.save(tensors))
+        document = {"format": FORMAT, "version": VERSION, "family": drafter.family}
+        document["config"] = dataclasses.asdict(drafter.config)
+        (model_dir / "config.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    barrier("drafter saved")
 
 
 def load_drafter(
