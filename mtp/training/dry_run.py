@@ -12,6 +12,10 @@ from jax.sharding import Mesh
 
 from mtp import sharding as sharding_lib
 from mtp.checkpoint.hf_target import read_config
+from mtp.drafter.families import GEMMA4
+from mtp.drafter.families import SHAPE_KEYS as FAMILY_SHAPE
+from mtp.drafter.families import build as build_family
+from mtp.drafter.interface import DrafterFamily
 from mtp.drafter.model import Drafter
 from mtp.gemma4.config import PRESETS, Gemma4Config, config_from_hf
 from mtp.gemma4.model import Gemma4
@@ -29,13 +33,23 @@ from mtp.training.state import (
 from mtp.training.step import jit_train_step
 
 
+def abstract_drafter(config: ml_collections.ConfigDict, target: Gemma4) -> DrafterFamily:
+    """The config's drafter, of its ``drafter.family``, as shapes only (``target`` may be abstract: only its config
+    is read, and the head is not initialised from its embedding)."""
+    d = config.drafter
+    if d.family == GEMMA4:
+        return nnx.eval_shape(lambda: Drafter(drafter_config_for(config, target.config), rngs=nnx.Rngs(0)))
+    shape = {k: d[k] for k in FAMILY_SHAPE} | {"init_embed_from_target": False}
+    return nnx.eval_shape(lambda: build_family(d.family, target, **shape, seed=config.seed))
+
+
 def compile_train_step(config: ml_collections.ConfigDict, target_config: Gemma4Config, mesh: Mesh):
     """The compiled train step of ``config`` for a target of ``target_config`` on ``mesh``."""
-    target_graph, target_abstract = nnx.split(nnx.eval_shape(lambda: Gemma4(target_config, rngs=nnx.Rngs(0))))
+    target = nnx.eval_shape(lambda: Gemma4(target_config, rngs=nnx.Rngs(0)))
+    drafter_graph, params, extra = split_drafter(abstract_drafter(config, target))
+    target_graph, target_abstract = nnx.split(target)
     target_sh = sharding_lib.state_shardings(target_abstract, mesh)
     target_in = abstract_like(target_abstract, target_sh, jnp.dtype(config.target.dtype))
-    drafter = nnx.eval_shape(lambda: Drafter(drafter_config_for(config, target_config), rngs=nnx.Rngs(0)))
-    drafter_graph, params, extra = split_drafter(drafter)
     tx, schedule = make_optimizer(config)
     abstract = jax.eval_shape(lambda p, e: TrainState(jnp.zeros((), jnp.int32), p, e, tx.init(p)), params, extra)
     state_sh = state_shardings(abstract, tx, mesh)

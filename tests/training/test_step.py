@@ -89,3 +89,19 @@ def test_a_non_finite_step_leaves_the_state_as_it_was(monkeypatch):
     assert metrics["finite"] and np.isfinite(metrics["loss"])
     moments = jax.tree.leaves(jax.device_get(state.opt_state))
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after.opt_state), moments, strict=True))
+
+
+@pytest.mark.parametrize("family", ["gemma4", "medusa", "eagle3"])
+def test_the_dry_run_builds_the_configs_drafter_family(family):
+    from mtp.drafter.families import FAMILIES
+    from mtp.training.dry_run import abstract_drafter
+
+    config = tiny.get_config("test")
+    config.drafter.family = family
+    if family == "eagle3":
+        config.drafter.num_layers = 1
+    target_config = config_from_hf(hf_oracle.tiny_text_config_dict("e2b_like") | {"model_type": "gemma4_text"})
+    target = nnx.eval_shape(lambda: Gemma4(target_config, rngs=nnx.Rngs(0)))
+    drafter = abstract_drafter(config, target)
+    assert type(drafter) is FAMILIES[family][0]
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(drafter)))
