@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 import re
 
 import jax
@@ -19,6 +18,7 @@ from mtp.checkpoint.hf_target import (
     Path,
     decoder_layer_layouts,
     load_params,
+    local_directory,
     norm_layouts,
     param_shardings,
     read_config,
@@ -110,7 +110,7 @@ def load_drafter(
 
     ``dtype`` None keeps the checkpoint's dtype (bf16 stays bf16); ``max_draft_len`` is not stored by HF.
     """
-    model_dir = pathlib.Path(model_dir)
+    model_dir = local_directory(model_dir)
     source = str(model_dir / "config.json")
     config = config_from_hf(read_config(model_dir), source=source, max_draft_len=max_draft_len)
     if target_config is not None:

@@ -107,8 +107,19 @@ def target_layouts(config: Gemma4Config, prefix: str = "model") -> dict[Path, La
     return out
 
 
+def local_directory(model_dir: str | os.PathLike) -> pathlib.Path:
+    """A checkpoint directory on this machine's disk (tensors are read from local files, a slice at a time); a
+    remote one (``gs://...``) is refused, saying how to copy it."""
+    if "://" in os.fspath(model_dir):
+        raise CheckpointError(
+            f"{os.fspath(model_dir)}: checkpoints are read from a local disk, not from a remote path; copy the "
+            f"directory first (e.g. `gcloud storage cp -r {os.fspath(model_dir)} /local/dir`) and pass the copy."
+        )
+    return pathlib.Path(model_dir)
+
+
 def read_config(model_dir: str | os.PathLike) -> dict:
-    path = pathlib.Path(model_dir) / "config.json"
+    path = local_directory(model_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: no config.json; point at a Hugging Face model directory.")
     try:
@@ -205,7 +216,7 @@ def load_params(
 
 def load_target(model_dir: str | os.PathLike, *, mesh: Mesh | None = None, dtype: jnp.dtype | None = None) -> Gemma4:
     """A Gemma 4 target from an HF directory; ``dtype`` None keeps the checkpoint's dtype (bf16 stays bf16)."""
-    model_dir = pathlib.Path(model_dir)
+    model_dir = local_directory(model_dir)
     config = config_from_hf(read_config(model_dir), source=str(model_dir / "config.json"))
     with SafetensorsCheckpoint.open(model_dir) as checkpoint:
         prefix = _tensor_prefix(checkpoint, str(model_dir))

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from mtp.checkpoint import load_target
@@ -27,9 +29,10 @@ from mtp.evaluation import prompts as prompt_sets
 from mtp.evaluation import results, runner, wandb_log
 from mtp.evaluation.config import EvalConfigError, check_draft_lens, sweep_settings
 from mtp.training import setup
+from mtp.training.checkpoints import workdir_path
 from mtp.training.config import loss_config
 from mtp.training.loss import simulated_acceptance_length
-from mtp.training.metrics import mean_metrics
+from mtp.training.metrics import is_remote, mean_metrics
 from mtp.training.state import TrainState, split_drafter
 from mtp.training.step import eval_step
 
@@ -61,23 +64,49 @@ def held_out_agreement(config: ml_collections.ConfigDict, target, drafter, rows,
     }
 
 
-def _paths(config, workdir: pathlib.Path | None) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+def _check_local(config, workdir: epath.Path | None) -> None:
+    """Evaluation reads the models and writes its results on this machine's disk: a remote path (``gs://...``, say
+    a training run's workdir) is refused before anything is loaded, saying what to copy and pass instead."""
+    ev = config.eval
+    target = ev.target_path or config.target.hf_path
+    drafter = ev.drafter_path or (workdir and workdir / "hf")
+    output = ev.output_dir or (workdir and workdir / "eval")
+    if target and is_remote(target):
+        raise EvalConfigError(
+            f"{target}: the target is remote, and evaluation reads it from a local disk: copy it (`gcloud storage "
+            f"cp -r {target} /local/target`) and pass --config.eval.target_path=/local/target."
+        )
+    if drafter and is_remote(drafter):
+        raise EvalConfigError(
+            f"{drafter}: the drafter is remote, and evaluation reads it from a local disk: copy it (`gcloud storage "
+            f"cp -r {drafter} /local/drafter`) and pass --config.eval.drafter_path=/local/drafter and a local "
+            "--config.eval.output_dir."
+        )
+    if output and is_remote(output):
+        raise EvalConfigError(
+            f"{output}: the results directory is remote, and evaluation writes to a local disk: pass a local "
+            "--config.eval.output_dir."
+        )
+
+
+def _paths(config, workdir: epath.Path | None) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
     ev = config.eval
     if workdir is None and not (ev.drafter_path and ev.output_dir):
         raise EvalConfigError(
             "Give --workdir (a training run: its hf/ drafter, results in WORKDIR/eval), or both "
             "--config.eval.drafter_path and --config.eval.output_dir."
         )
+    _check_local(config, workdir)
     target_dir = pathlib.Path(ev.target_path) if ev.target_path else setup.target_directory(config, workdir)
     if not (target_dir / "config.json").is_file():
         raise CheckpointError(f"{target_dir / 'config.json'}: no config.json; point at a Gemma 4 model directory.")
-    drafter_dir = pathlib.Path(ev.drafter_path) if ev.drafter_path else workdir / "hf"
+    drafter_dir = pathlib.Path(ev.drafter_path or workdir / "hf")
     if not (drafter_dir / "config.json").is_file():
         raise EvalConfigError(
             f"{drafter_dir} holds no drafter (no config.json): train first, or point --config.eval.drafter_path at "
             "a gemma4_assistant directory."
         )
-    return target_dir, drafter_dir, pathlib.Path(ev.output_dir) if ev.output_dir else workdir / "eval"
+    return target_dir, drafter_dir, pathlib.Path(ev.output_dir or workdir / "eval")
 
 
 def _held_out_rows(config, workdir, target, template):
@@ -92,13 +121,13 @@ def _held_out_rows(config, workdir, target, template):
 
 
 def evaluate(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None, *, progress: bool = True
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None, *, progress: bool = True
 ) -> dict:
     """Checks every input, then held-out agreement (a training run's drafter) and the sweeps; returns the new
     records, the offline metrics and results.json's path."""
     ev = config.eval
     settings = sweep_settings(ev)
-    workdir = pathlib.Path(workdir) if workdir else None
+    workdir = workdir_path(workdir) if workdir else None  # a remote one holds the run's data, not the drafter
     target_dir, drafter_dir, output_dir = _paths(config, workdir)
     results.check_pair(output_dir / runner.RESULTS, target=target_dir, drafter=drafter_dir)
     template = setup.chat_template(config, target_dir)

@@ -1,15 +1,21 @@
-"""Metrics to ``workdir/metrics.jsonl``, to Weights & Biases (offline unless a project is named) and a progress bar."""
+"""Metrics to ``workdir/metrics.jsonl``, to Weights & Biases (offline unless a project is named) and a progress bar.
+
+A local metrics.jsonl is appended to; a remote one (``gs://...``: object stores cannot append) is rewritten whole at
+each logged step, and W&B keeps its files in a local directory."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import secrets
+import tempfile
 
 import jax
 import ml_collections
 import numpy as np
 import tqdm
+from etils import epath
 
 
 def to_python(metrics: dict) -> dict:
@@ -40,34 +46,42 @@ class MetricsWriter:
 
     def __init__(
         self,
-        workdir: pathlib.Path,
+        workdir: str | os.PathLike,
         config: ml_collections.ConfigDict,
         *,
         start_step: int,
         total: int,
         is_main: bool = True,
     ):
+        workdir = epath.Path(workdir)
         self.path = workdir / "metrics.jsonl"
         self.is_main = is_main
+        self.remote = is_remote(workdir)
+        self.lines: list[str] = []  # a remote file's contents, rewritten whole at each write
         self.run = None
         if is_main and config.wandb.mode != "disabled":
             self.run = _init_wandb(workdir, config)
         self.bar = tqdm.tqdm(total=total, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True)
-        if is_main and start_step:
+        if is_main:
             self._truncate_after(start_step)
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the restored checkpoint: they will be logged again."""
+        """Drops lines logged after the checkpoint the run starts from (all, without one): they will be logged again."""
         if self.path.exists():
             lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
             self.path.write_text("".join(line + "\n" for line in lines))
+            self.lines = lines
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.is_main:
             return
-        record = {"step": step, **metrics}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps({"step": step, **metrics})
+        if self.remote:
+            self.lines.append(line)
+            self.path.write_text("".join(ln + "\n" for ln in self.lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
         if self.run is not None:
             self.run.log(_for_wandb(metrics), step=step)
         if "loss" in metrics:
@@ -82,6 +96,11 @@ class MetricsWriter:
             self.run.finish()
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """A path on an object store (``gs://``, ``s3://``...), where files are written whole and cannot be appended to."""
+    return "://" in os.fspath(path)
+
+
 def _for_wandb(metrics: dict) -> dict:
     """Lists (one value per draft depth) become one scalar per depth, so W&B can chart them."""
     flat = {}
@@ -93,7 +112,7 @@ def _for_wandb(metrics: dict) -> dict:
     return flat
 
 
-def _init_wandb(workdir: pathlib.Path, config: ml_collections.ConfigDict):
+def _init_wandb(workdir: epath.Path, config: ml_collections.ConfigDict):
     import wandb
 
     id_file = workdir / "wandb_run_id"
@@ -106,8 +125,18 @@ def _init_wandb(workdir: pathlib.Path, config: ml_collections.ConfigDict):
         name=w.name or workdir.name,
         tags=list(w.tags),
         config=config.to_dict(),
-        dir=str(workdir),
+        dir=wandb_dir(workdir, run_id),
         mode=w.mode,
         id=run_id,
         resume="allow",
     )
+
+
+def wandb_dir(workdir: epath.Path, run_id: str) -> str:
+    """Where W&B keeps its files: the workdir when it is local; W&B writes only local files, so for a remote one
+    a local directory named after the run."""
+    if not is_remote(workdir):
+        return os.fspath(workdir)
+    directory = pathlib.Path(tempfile.gettempdir()) / "mtp_wandb" / run_id
+    directory.mkdir(parents=True, exist_ok=True)
+    return str(directory)
