@@ -1,6 +1,6 @@
 """One train step code path for 1 device and many: sharded steps agree with the single-device step."""
 
-import functools
+import concurrent.futures
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,8 @@ def synthetic_batch(batch: int = 8, length: int = 32) -> dict:
     }
 
 
-def run(kind: str, mesh_shape: dict, steps: int = 2):
+def prepare(kind: str, mesh_shape: dict):
+    """The train step of the tiny test config on ``mesh_shape``, lowered, and its first inputs."""
     config = tiny.get_config("test")
     config.drafter.update(use_ordered_embeddings=True, num_centroids=16, centroid_intermediate_top_k=4, hidden_size=32)
     mesh = sharding_lib.make_mesh(mesh_shape)
@@ -65,23 +66,38 @@ def run(kind: str, mesh_shape: dict, steps: int = 2):
         dtype=jnp.float32,
     )
     batch = jax.device_put(synthetic_batch(), batch_sharding(mesh))
+    return step.lower(state, target_state, batch), (state, target_state, batch)
+
+
+def run(compiled, state, target_state, batch, steps: int = 2):
+    """``steps`` train steps: losses and gradient norms, final parameters, their layout."""
     losses = []
     for _ in range(steps):
-        state, metrics = step(state, target_state, batch)
+        state, metrics = compiled(state, target_state, batch)
         losses += [float(metrics["loss"]), float(metrics["grad_norm"])]
     layout = {str(p): v.sharding.spec for p, v in nnx.to_flat_state(state.params)}
     return losses, jax.device_get(nnx.to_pure_dict(state.params)), layout
 
 
-@functools.cache
-def single_device(kind: str):
-    return run(kind, SINGLE)
+@pytest.fixture(scope="module")
+def runs():
+    """(kind, mesh shape) -> run, for every case and each kind's one-device reference. Steps are traced one by
+    one, then compiled two at a time (XLA compiles without holding the GIL, so both cores of a 2-core machine
+    work), then run one by one."""
+    cases = [(kind, SINGLE) for kind in dict.fromkeys(kind for kind, _ in CASES)] + CASES
+    prepared = [prepare(kind, mesh_shape) for kind, mesh_shape in cases]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        compiled = list(pool.map(lambda lowered: lowered.compile(), [lowered for lowered, _ in prepared]))
+    return {
+        (kind, tuple(mesh_shape.items())): run(step, *inputs)
+        for (kind, mesh_shape), step, (_, inputs) in zip(cases, compiled, prepared, strict=True)
+    }
 
 
 @pytest.mark.parametrize("kind, mesh_shape", CASES, ids=[f"{k}-{'x'.join(map(str, m.values()))}" for k, m in CASES])
-def test_sharded_train_steps_agree_with_one_device(kind, mesh_shape):
-    reference_losses, reference_params, _ = single_device(kind)
-    losses, params, layout = run(kind, mesh_shape)
+def test_sharded_train_steps_agree_with_one_device(kind, mesh_shape, runs):
+    reference_losses, reference_params, _ = runs[kind, tuple(SINGLE.items())]
+    losses, params, layout = runs[kind, tuple(mesh_shape.items())]
     typical = np.median(
         np.concatenate(
             [
