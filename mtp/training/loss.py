@@ -4,8 +4,12 @@ Anchor p (every position at once): the target has processed x_0..x_{p-1}; the ne
 cache. Depth j predicts x_{p+j+1}, whose teacher distribution is the target's at position p+j; how the drafter
 gets there is its family's ``unroll`` (``mtp.drafter.interface``): the Gemma 4 drafter reads (embed(x_{p+j}), its
 own projected state) over the target's K/V at positions < p, Medusa's head j reads h_{p-1}, EAGLE-3 feeds its own
-features back. The vocabulary projection runs in sequence chunks under remat, so [B, T, V] logits never exist for
-all depths at once.
+features back.
+
+The teacher for (anchor p, depth j) is the target's distribution at position p+j: one [B, T, V] tensor for every
+depth, shifted. Where it fits (``whole_teacher_bytes``) the target's vocabulary projection and softmax run once and
+each depth's student logits are aligned to it; otherwise (full-size configs) both projections run per depth in
+sequence chunks under remat, so [B, T, V] logits never exist for all depths at once.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class LossConfig:
     centroid_weight: float = 1.0
     remat: str = "none"
     seq_chunk: int = 0  # anchors per chunk of the drafter's unroll and loss (0: the whole sequence at once)
+    # The teacher's logits are computed once for all depths (not per depth in chunks) when seq_chunk is off and the
+    # float32 [B, T, V] tensors that path holds, (2 * depth + 3) of them, take at most this many bytes (the traced,
+    # global batch). 0: always per depth.
+    whole_teacher_bytes: int = 1 << 30
 
     def __post_init__(self):
         if self.remat not in REMAT:
@@ -136,6 +144,46 @@ def chunked_depth_loss(
     xs = (split(teacher_h_PBTD), split(student_h_PBTE), split(mask_PBT), depth_of)
     sums, _ = jax.lax.scan(one, (zero, zero, zero, zero), xs)
     return sums
+
+
+def whole_sequence_depth_loss(
+    target: Gemma4,
+    drafter: DrafterFamily,
+    teacher_h_BTD: jax.Array,
+    student_h_PBTE: jax.Array,
+    mask_PBT: jax.Array,
+    config: LossConfig,
+    tables: tuple[jax.Array, jax.Array],
+):
+    """``chunked_depth_loss``'s sums with the teacher's logits, softmax and argmax computed once at every position
+    t (the distribution of x_{t+1}); depth j's student at anchor p is moved to t = p + j to meet it."""
+    teacher_VD, student_VE = tables
+    teacher_BTV = jax.lax.stop_gradient(target.logits(teacher_h_BTD, teacher_VD)).astype(jnp.float32)
+    log_p_BTV = jax.nn.log_softmax(teacher_BTV, axis=-1)
+    p_BTV = jnp.exp(log_p_BTV)
+    neg_entropy_BT = jnp.sum(p_BTV * log_p_BTV, axis=-1)
+    top_BT = jnp.argmax(teacher_BTV, axis=-1)
+    sums = []
+    for j in range(mask_PBT.shape[0]):
+        student_h = shift(student_h_PBTE[j], -j)
+        mask = shift(mask_PBT[j], -j, False)
+        student = drafter.full_logits(student_h, student_VE)
+        log_q = jax.nn.log_softmax(student.astype(jnp.float32), axis=-1)
+        if config.divergence == "kl":
+            loss = neg_entropy_BT - jnp.sum(p_BTV * log_q, axis=-1)
+        else:
+            loss = 1.0 - jnp.sum(jnp.minimum(p_BTV, jnp.exp(log_q)), axis=-1)
+        agree = top_BT == drafted_tokens(drafter, student_h, student)
+        extra = centroid_head_loss(drafter, student_h, teacher_BTV, mask)
+        mask = mask.astype(jnp.float32)
+        sums.append((jnp.sum(loss * mask), jnp.sum(agree * mask), extra[0], extra[1]))
+    return tuple(jnp.stack(x) for x in zip(*sums, strict=True))
+
+
+def teacher_once(config: LossConfig, batch: int, length: int, vocab: int) -> bool:
+    """Whether the teacher's [B, T, V] logits are computed once for all depths (else per depth, in chunks)."""
+    held = (2 * config.depth + 3) * batch * length * vocab * 4
+    return not config.seq_chunk and held <= config.whole_teacher_bytes
 
 
 @jax.tree_util.register_dataclass
@@ -249,7 +297,13 @@ def distill_loss(
         split(segments, 1),
     )
     zero = jnp.zeros((config.depth,), jnp.float32)
-    if chunk == length:
+    if teacher_once(config, positions.shape[0], length, tables[0].shape[0]):
+        inputs = UnrollInputs(embed_PBTD, anchor, positions, segments, target_out.drafter_kv, segments)
+        features = drafter.unroll(target, inputs, dtype=dtype, remat=config.remat)
+        normed_PBTE = jnp.stack([f.normed for f in features])
+        sums = whole_sequence_depth_loss(target, drafter, target_out.hidden, normed_PBTE, valid_PBT, config, tables)
+        loss_P, agree_P, aux_P, cover_P = sums
+    elif chunk == length:
         (loss_P, agree_P, aux_P, cover_P), _ = one_chunk((zero, zero, zero, zero), jax.tree.map(lambda x: x[0], xs))
     else:
         (loss_P, agree_P, aux_P, cover_P), _ = jax.lax.scan(jax.checkpoint(one_chunk), (zero,) * 4, xs)

@@ -189,27 +189,35 @@ def test_the_loss_is_the_decayed_mean_of_the_per_depth_divergences(target):
     np.testing.assert_allclose(metrics["top1_agreement"], agreement, rtol=1e-6)
 
 
-def test_remat_and_sequence_chunks_change_neither_the_loss_nor_the_gradients(target):
-    """Rematerializing each drafter layer, or each whole depth in chunks of 8 anchors, gives the same numbers."""
+def test_remat_sequence_chunks_and_the_once_computed_teacher_change_neither_the_loss_nor_the_gradients(target):
+    """Rematerializing each drafter layer, or each whole depth in chunks of 8 anchors, or projecting the teacher per
+    depth in vocabulary chunks instead of once for all depths (``whole_teacher_bytes=0``), gives the same numbers,
+    metrics included."""
     drafter = make_drafter(target, ordered=True)
     rng = np.random.default_rng(2)
     batch = packed_batch([{d: rng.integers(3, hf_oracle.VOCAB, n) for d, n in DOCS.items()} for _ in CASES])
     target_out = target_forward(target, batch)
+    variants = {
+        "once": dict(remat="none", seq_chunk=0),
+        "layer": dict(remat="layer", seq_chunk=0),
+        "depth": dict(remat="depth", seq_chunk=8),
+        "per_depth": dict(remat="none", seq_chunk=0, whole_teacher_bytes=0),
+    }
 
     @jax.jit
     def grads(params, rest):
         out = {}
-        for remat, seq_chunk in (("none", 0), ("layer", 0), ("depth", 8)):
-            config = LossConfig(depth=DEPTH, chunk_size=4, remat=remat, seq_chunk=seq_chunk)
+        for name, kwargs in variants.items():
+            config = LossConfig(depth=DEPTH, chunk_size=4, **kwargs)
 
             def loss_fn(p, config=config):
-                return distill_loss(nnx.merge(graph, p, rest), target, target_out, batch, config)[0]
+                return distill_loss(nnx.merge(graph, p, rest), target, target_out, batch, config)
 
-            out[remat] = jax.value_and_grad(loss_fn)(params)
+            out[name] = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return out
 
     graph, params, rest = nnx.split(drafter, nnx.Param, ...)
     out = jax.device_get(grads(params, rest))
-    for remat in ("layer", "depth"):
-        for got, want in zip(jax.tree.leaves(out[remat]), jax.tree.leaves(out["none"]), strict=True):
-            np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5, err_msg=remat)
+    for name in ("once", "layer", "depth"):
+        for got, want in zip(jax.tree.leaves(out[name]), jax.tree.leaves(out["per_depth"]), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5, err_msg=name)
