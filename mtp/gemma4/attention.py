@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -15,10 +16,46 @@ from mtp.gemma4.layers import RMSNorm, apply_rope, param, rms_norm
 KVBlock = tuple[jax.Array, jax.Array, jax.Array]
 
 
-IMPLEMENTATIONS = ("auto", "dense", "blockwise", "fused")
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "fused", "splash")
 # Past this many queries "auto" goes blockwise: decoding (T = 1..k+1) and short prompts keep the dense path.
 QUERY_CHUNK = 256
 KEY_CHUNK = 512
+SPLASH_BLOCK = 128  # the splash kernel's smallest tile: T must be a multiple of it
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfMask:
+    """``chunk_mask``'s mask as structure, for kernels that take no dense mask (splash): causal, same segment
+    (``segments_BT``, 0 = padding; None = one document), and (``window``) within a sliding window.
+
+    The window is counted in token indices, which equal ``chunk_mask``'s positions when positions run on by one
+    inside each document (packed data). Padding queries see earlier padding instead of nothing: only their output
+    differs from ``dense``, and no real token reads it.
+    """
+
+    segments_BT: jax.Array | None
+    window: int | None
+
+
+def choose_implementation(
+    implementation: str, q_BTNH: jax.Array, self_mask: SelfMask | None, query_chunk: int = QUERY_CHUNK
+) -> str:
+    """``auto`` by platform: TPU's splash kernel for a cache-less forward of whole kernel tiles, GPU's cuDNN
+    kernel for bf16/fp16 with a head dim it takes; otherwise (CPU, decoding, float32) dense up to ``query_chunk``
+    queries, else blockwise. ``splash`` without a ``self_mask`` (a cache, the drafter) falls back the same way."""
+    length, head_dim, dtype = q_BTNH.shape[1], q_BTNH.shape[3], q_BTNH.dtype
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}.")
+    backend = jax.default_backend()
+    if implementation == "auto" and backend == "tpu" and self_mask is not None and length % SPLASH_BLOCK == 0:
+        return "splash"
+    if implementation == "auto" and backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+        hopper = float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
+        if head_dim % 8 == 0 and head_dim <= (256 if hopper else 128):  # cuDNN's flash-attention limits
+            return "fused"
+    if implementation == "auto" or (implementation == "splash" and self_mask is None):
+        return "dense" if length <= query_chunk else "blockwise"
+    return implementation
 
 
 def attend(
@@ -26,25 +63,30 @@ def attend(
     blocks: Sequence[KVBlock],
     implementation: str = "auto",
     *,
+    self_mask: SelfMask | None = None,
     query_chunk: int | None = None,
     key_chunk: int | None = None,
 ) -> Float[Array, "B T N H"]:
     """Softmax attention (scale 1.0) over several key blocks at once, so a cache and a new chunk need no concat.
 
     ``dense`` builds the [T, S] scores; ``blockwise`` never does (query chunks under remat, key chunks with an online
-    softmax); ``fused`` is ``jax.nn.dot_product_attention`` (cuDNN on GPU). ``auto``: dense up to ``query_chunk``
-    queries, else blockwise. A query that sees no key gets the mean of all values under dense and blockwise.
+    softmax); ``fused`` is ``jax.nn.dot_product_attention`` (cuDNN on GPU); ``splash`` is the Pallas TPU kernel
+    (interpreted off TPU), for the cache-less forward only: it needs ``self_mask`` (the mask's structure) and one
+    block, so the cached decode/verify path and the drafter's cache-only attention stay dense or blockwise.
+    ``auto``: see ``choose_implementation``. A query that sees no key gets the mean of all values under dense and
+    blockwise.
     """
     query_chunk, key_chunk = query_chunk or QUERY_CHUNK, key_chunk or KEY_CHUNK
-    if implementation == "auto":
-        implementation = "dense" if q_BTNH.shape[1] <= query_chunk else "blockwise"
+    implementation = choose_implementation(implementation, q_BTNH, self_mask, query_chunk)
     if implementation == "dense":
         return dense_attend(q_BTNH, blocks)
     if implementation == "blockwise":
         return blockwise_attend(q_BTNH, blocks, query_chunk, key_chunk)
     if implementation == "fused":
         return fused_attend(q_BTNH, blocks)
-    raise ValueError(f"attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}.")
+    if len(blocks) != 1:
+        raise ValueError(f"splash attends within one chunk of new tokens, not {len(blocks)} blocks.")
+    return splash_attend(q_BTNH, *blocks[0][:2], self_mask)
 
 
 def dense_attend(q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock]) -> Float[Array, "B T N H"]:
@@ -146,6 +188,58 @@ def fused_attend(q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock]) -> 
         q_BTNH, keys, values, mask=mask_BTS[:, None], scale=1.0, implementation="cudnn" if on_gpu else None
     )
     return jnp.where(jnp.any(mask_BTS, axis=-1)[:, :, None, None], out_BTNH, 0)
+
+
+def splash_attend(
+    q_BTNH: Float[Array, "B T N H"],
+    k_BKTH: Float[Array, "B K T H"],
+    v_BKTH: Float[Array, "B K T H"],
+    self_mask: SelfMask,
+    interpret: bool | None = None,
+) -> Float[Array, "B T N H"]:
+    """The Pallas splash kernel (``interpret``: on unless on TPU) over one causal or sliding-window chunk.
+
+    The kernel applies no scale (Gemma 4's is 1.0) and takes GQA (N a multiple of K) itself; head dims are zero-padded
+    to its 128 lanes (zero columns add nothing to q·k), and T must be a multiple of ``SPLASH_BLOCK``.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    _, length, heads, head_dim = q_BTNH.shape
+    if length % SPLASH_BLOCK:
+        raise ValueError(f"splash needs T a multiple of {SPLASH_BLOCK}, got {length}; use blockwise.")
+    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    block = next(b for b in (512, 256, SPLASH_BLOCK) if length % b == 0)
+    shape = (length, length)
+    if self_mask.window is None:
+        mask = masks.CausalMask(shape)
+    else:  # chunk_mask keeps q - k < window: k in [q - (window - 1), q]
+        mask = masks.LocalMask(shape, window_size=(self_mask.window - 1, 0), offset=0)
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    kernel = splash.make_splash_mha(
+        masks.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+    pad = [(0, 0)] * 3 + [(0, (-head_dim) % 128)]
+    q_BNTH = jnp.pad(q_BTNH.transpose(0, 2, 1, 3), pad)
+    k_BKTH, v_BKTH = (jnp.pad(x.astype(q_BTNH.dtype), pad) for x in (k_BKTH, v_BKTH))
+    segments_BT = self_mask.segments_BT
+    if segments_BT is None:
+        out_BNTH = jax.vmap(kernel)(q_BNTH, k_BKTH, v_BKTH)
+    else:
+        segments_BT = segments_BT.astype(jnp.int32)
+        out_BNTH = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)))(
+            q_BNTH, k_BKTH, v_BKTH, segments_BT
+        )
+    return out_BNTH[..., :head_dim].transpose(0, 2, 1, 3)
 
 
 def chunk_mask(

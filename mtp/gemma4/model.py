@@ -11,7 +11,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from mtp.gemma4 import cache as cache_lib
-from mtp.gemma4.attention import Attention, attend, cache_mask, chunk_mask
+from mtp.gemma4.attention import Attention, SelfMask, attend, cache_mask, chunk_mask
 from mtp.gemma4.cache import KVCache
 from mtp.gemma4.config import ATTENTION_TYPES, SLIDING, Gemma4Config
 from mtp.gemma4.layers import MLP, MixtureOfExperts, RMSNorm, gelu_tanh, param, rope_inv_freq, rope_tables
@@ -108,9 +108,10 @@ class DecoderLayer(nnx.Module):
         kv_blocks: list,
         ple_BTG: jax.Array | None,
         implementation: str,
+        self_mask: SelfMask | None = None,
     ) -> jax.Array:
         """The rest of the layer once its normed input ``h`` and the K/V it reads are known."""
-        attn_BTNH = attend(self.attn.queries(h_BTD, *rope), kv_blocks, implementation)
+        attn_BTNH = attend(self.attn.queries(h_BTD, *rope), kv_blocks, implementation, self_mask=self_mask)
         x_BTD = x_BTD + self.post_attn_norm(self.attn.output(attn_BTNH))
         return constrain_batch(self.feed_forward(x_BTD, ple_BTG))
 
@@ -179,6 +180,7 @@ class Gemma4(nnx.Module):
         rope: dict,
         masks: dict,
         feature_layers: tuple[int, ...] = (),
+        self_masks: dict[str, SelfMask] | None = None,
     ) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]], jax.Array]:
         """The cache-less forward as one ``lax.scan`` per run of repeating layers (``layer_groups``).
 
@@ -186,6 +188,7 @@ class Gemma4(nnx.Module):
         (checkpoints, sharding) while XLA compiles one period of layers and keeps one period's temporaries alive.
         Returns the final state, the K/V ``[B, K, T, H]`` of the last owning layer of each type (the producers) and
         the state after each of ``feature_layers`` ``[L, B, T, D]`` (kept in the carry: one state per chosen layer).
+        ``self_masks``: each type's mask as structure too, for the splash kernel.
         """
         config = self.config
         batch, length, _ = x_BTD.shape
@@ -215,8 +218,9 @@ class Gemma4(nnx.Module):
                         kv = kv | {layer_type: (k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3))}
                     ple_BTG = None if ple_BTPd is None else ple_BTPd[:, :, r]
                     kv_blocks = [(*kv[layer_type], masks[layer_type])]
+                    self_mask = None if self_masks is None else self_masks[layer_type]
                     x_BTD = layer.attend_and_feed(
-                        x_BTD, h_BTD, rope[layer_type], kv_blocks, ple_BTG, config.attention_impl
+                        x_BTD, h_BTD, rope[layer_type], kv_blocks, ple_BTG, config.attention_impl, self_mask
                     )
                     for f, chosen in enumerate(feature_layers):
                         if start <= chosen < start + count * period and (chosen - start) % period == r:
@@ -285,8 +289,14 @@ class Gemma4(nnx.Module):
         blocks: dict[int, list[tuple[jax.Array, jax.Array]]] = {}
         new_keys, new_values, features = [], [], {}
         if cache is None:  # one pass over the sequence: the layers scanned, in groups of same-shaped layers
+            windows = {t: config.sliding_window if t == SLIDING else None for t in ATTENTION_TYPES}
             x_BTD, producer_kv, features_LBTD = self.scanned_layers(
-                x_BTD, ple_BTLG, rope, {t: m[0] for t, m in masks.items()}, feature_layers
+                x_BTD,
+                ple_BTLG,
+                rope,
+                {t: m[0] for t, m in masks.items()},
+                feature_layers,
+                {t: SelfMask(segments_BT, w) for t, w in windows.items()},
             )
             features = dict(zip(feature_layers, features_LBTD, strict=True))
             blocks = {config.producer_layers[t]: [kv] for t, kv in producer_kv.items()}
