@@ -10,13 +10,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
+from mtp.gemma4.config import ATTENTION_IMPLEMENTATIONS
 from mtp.gemma4.layers import RMSNorm, apply_rope, param, rms_norm
 
 # A block of keys the queries may see: keys and values [B, K, S, H] and which of them each query sees [B, T, S].
 KVBlock = tuple[jax.Array, jax.Array, jax.Array]
 
 
-IMPLEMENTATIONS = ("auto", "dense", "blockwise", "fused", "splash")
+IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 # Past this many queries "auto" goes blockwise: decoding (T = 1..k+1) and short prompts keep the dense path.
 QUERY_CHUNK = 256
 KEY_CHUNK = 512

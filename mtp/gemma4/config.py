@@ -63,6 +63,10 @@ class KVGeometry:
         return self.rope_full if layer_type == FULL else self.rope_sliding
 
 
+# ``mtp.gemma4.attention.choose_implementation`` says which runs where.
+ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "blockwise", "fused", "splash")
+
+
 @dataclasses.dataclass(frozen=True)
 class Gemma4Config(KVGeometry):
     """Everything that shapes a Gemma 4 text decoder (names follow HF ``Gemma4TextConfig`` where sensible).
@@ -91,6 +95,8 @@ class Gemma4Config(KVGeometry):
     attention_impl: str = "auto"  # ours, not HF's: see ``mtp.gemma4.attention.attend``
 
     def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLEMENTATIONS}.")
         if len(self.layer_types) != self.num_layers:
             raise ConfigError(f"layer_types has {len(self.layer_types)} entries but num_layers={self.num_layers}.")
         if unknown := set(self.layer_types) - set(ATTENTION_TYPES):

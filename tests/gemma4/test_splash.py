@@ -8,7 +8,7 @@ from flax import nnx
 
 from mtp.gemma4 import attention
 from mtp.gemma4.attention import SelfMask, attend, choose_implementation, chunk_mask
-from mtp.gemma4.config import FULL, PRESETS, SLIDING
+from mtp.gemma4.config import FULL, PRESETS, SLIDING, ConfigError
 from mtp.gemma4.model import Gemma4
 
 ATOL = 1e-5  # float32, as for the oracle tests (tests/gemma4/test_attention.py)
@@ -58,6 +58,8 @@ def test_auto_picks_by_platform(monkeypatch):
     assert choose_implementation("auto", q(512), None) == "blockwise", "float32: no cuDNN"
     with pytest.raises(ValueError, match="flash"):
         choose_implementation("flash", q(T), None)
+    with pytest.raises(ConfigError, match="flash"):
+        PRESETS["gemma4_e2b"].replace(attention_impl="flash")
 
 
 def test_model_splash_equals_dense():
