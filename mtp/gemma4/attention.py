@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -12,6 +13,7 @@ from jaxtyping import Array, Bool, Float
 
 from mtp.gemma4.config import ATTENTION_IMPLEMENTATIONS
 from mtp.gemma4.layers import RMSNorm, apply_rope, param, rms_norm
+from mtp.sharding import LOGICAL_RULES
 
 # A block of keys the queries may see: keys and values [B, K, S, H] and which of them each query sees [B, T, S].
 KVBlock = tuple[jax.Array, jax.Array, jax.Array]
@@ -233,13 +235,19 @@ def splash_attend(
     q_BNTH = jnp.pad(q_BTNH.transpose(0, 2, 1, 3), pad)
     k_BKTH, v_BKTH = (jnp.pad(x.astype(q_BTNH.dtype), pad) for x in (k_BKTH, v_BKTH))
     segments_BT = self_mask.segments_BT
-    if segments_BT is None:
-        out_BNTH = jax.vmap(kernel)(q_BNTH, k_BKTH, v_BKTH)
-    else:
-        segments_BT = segments_BT.astype(jnp.int32)
-        out_BNTH = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)))(
-            q_BNTH, k_BKTH, v_BKTH, segments_BT
-        )
+    segments_BT = jnp.ones(q_BTNH.shape[:2], jnp.int32) if segments_BT is None else segments_BT.astype(jnp.int32)
+
+    def rows(q_BNTH, k_BKTH, v_BKTH, segments_BT):
+        one_row = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s))
+        return jax.vmap(one_row)(q_BNTH, k_BKTH, v_BKTH, segments_BT)
+
+    # A Pallas call is opaque to XLA's partitioner: under a mesh each device runs it on its own rows of the batch.
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in LOGICAL_RULES["batch"] if a in mesh.axis_names)
+    if axes and q_BTNH.shape[0] % math.prod(mesh.shape[a] for a in axes) == 0:
+        spec = jax.sharding.PartitionSpec(axes)
+        rows = jax.shard_map(rows, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)
+    out_BNTH = rows(q_BNTH, k_BKTH, v_BKTH, segments_BT)
     return out_BNTH[..., :head_dim].transpose(0, 2, 1, 3)
 
 
