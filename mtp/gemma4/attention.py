@@ -41,12 +41,18 @@ class SelfMask:
 
 
 def choose_implementation(
-    implementation: str, q_BTNH: jax.Array, self_mask: SelfMask | None, query_chunk: int = QUERY_CHUNK
+    implementation: str,
+    q_BTNH: jax.Array,
+    self_mask: SelfMask | None,
+    query_chunk: int = QUERY_CHUNK,
+    num_keys: int | None = None,
 ) -> str:
     """``auto`` by platform: TPU's splash kernel for a cache-less forward of whole kernel tiles, GPU's cuDNN
-    kernel for bf16/fp16 with a head dim it takes; otherwise (CPU, decoding, float32) dense up to ``query_chunk``
-    queries, else blockwise. ``splash`` without a ``self_mask`` (a cache, the drafter) falls back the same way."""
+    kernel for bf16/fp16 with a head dim and (masked, differentiated) even T and S it takes; otherwise (CPU,
+    float32) dense up to ``query_chunk`` queries, else blockwise. ``splash`` without a ``self_mask`` (a cache, the
+    drafter) falls back the same way."""
     length, head_dim, dtype = q_BTNH.shape[1], q_BTNH.shape[3], q_BTNH.dtype
+    num_keys = length if num_keys is None else num_keys
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}.")
     backend = jax.default_backend()
@@ -54,7 +60,8 @@ def choose_implementation(
         return "splash"
     if implementation == "auto" and backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
         hopper = float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
-        if head_dim % 8 == 0 and head_dim <= (256 if hopper else 128):  # cuDNN's flash-attention limits
+        # cuDNN's flash-attention limits (jax's check_is_flash_attention)
+        if head_dim % 8 == 0 and head_dim <= (256 if hopper else 128) and length % 2 == 0 == num_keys % 2:
             return "fused"
     if implementation == "auto" or (implementation == "splash" and self_mask is None):
         return "dense" if length <= query_chunk else "blockwise"
@@ -80,7 +87,8 @@ def attend(
     blockwise.
     """
     query_chunk, key_chunk = query_chunk or QUERY_CHUNK, key_chunk or KEY_CHUNK
-    implementation = choose_implementation(implementation, q_BTNH, self_mask, query_chunk)
+    num_keys = sum(k.shape[2] for k, _, _ in blocks)
+    implementation = choose_implementation(implementation, q_BTNH, self_mask, query_chunk, num_keys)
     if implementation == "dense":
         return dense_attend(q_BTNH, blocks)
     if implementation == "blockwise":

@@ -60,6 +60,7 @@ def test_auto_picks_by_platform(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert choose_implementation("auto", q(T, jnp.bfloat16), None) == "fused"
     assert choose_implementation("auto", q(T, jnp.bfloat16, 512), None) == "dense", "head dim past cuDNN's"
+    assert choose_implementation("auto", q(T, jnp.bfloat16), None, num_keys=T + 1) == "dense", "odd S"
     assert choose_implementation("auto", q(512), None) == "blockwise", "float32: no cuDNN"
     with pytest.raises(ValueError, match="flash"):
         choose_implementation("flash", q(T), None)
