@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -214,31 +215,12 @@ def splash_attend(
     to its 128 lanes (zero columns add nothing to q·k), and T must be a multiple of ``SPLASH_BLOCK``.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     _, length, heads, head_dim = q_BTNH.shape
     if length % SPLASH_BLOCK:
         raise ValueError(f"splash needs T a multiple of {SPLASH_BLOCK}, got {length}; use blockwise.")
     interpret = jax.default_backend() != "tpu" if interpret is None else interpret
-    block = next(b for b in (512, 256, SPLASH_BLOCK) if length % b == 0)
-    shape = (length, length)
-    if self_mask.window is None:
-        mask = masks.CausalMask(shape)
-    else:  # chunk_mask keeps q - k < window: k in [q - (window - 1), q]
-        mask = masks.LocalMask(shape, window_size=(self_mask.window - 1, 0), offset=0)
-    sizes = splash.BlockSizes(
-        block_q=block,
-        block_kv=block,
-        block_kv_compute=block,
-        block_q_dkv=block,
-        block_kv_dkv=block,
-        block_kv_dkv_compute=block,
-        block_q_dq=block,
-        block_kv_dq=block,
-    )
-    kernel = splash.make_splash_mha(
-        masks.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
-    )
+    kernel = _splash_kernel(length, heads, self_mask.window, interpret)
     pad = [(0, 0)] * 3 + [(0, (-head_dim) % 128)]
     q_BNTH = jnp.pad(q_BTNH.transpose(0, 2, 1, 3), pad)
     k_BKTH, v_BKTH = (jnp.pad(x.astype(q_BTNH.dtype), pad) for x in (k_BKTH, v_BKTH))
@@ -257,6 +239,31 @@ def splash_attend(
         rows = jax.shard_map(rows, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)
     out_BNTH = rows(q_BNTH, k_BKTH, v_BKTH, segments_BT)
     return out_BNTH[..., :head_dim].transpose(0, 2, 1, 3)
+
+
+@functools.cache
+def _splash_kernel(length: int, heads: int, window: int | None, interpret: bool):
+    """One kernel (and its block-sparsity tables, built in numpy) per shape, not one per layer traced."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    block = next(b for b in (512, 256, SPLASH_BLOCK) if length % b == 0)
+    shape = (length, length)
+    # chunk_mask keeps q - k < window: k in [q - (window - 1), q]
+    mask = masks.CausalMask(shape) if window is None else masks.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    return splash.make_splash_mha(
+        masks.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
 
 
 def chunk_mask(
