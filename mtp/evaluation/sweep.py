@@ -12,7 +12,8 @@ import tqdm
 from flax import nnx
 
 from mtp.data.chat import ChatTemplate
-from mtp.decoding.generate import GEMMA4_STOP_TOKENS, Generation, generate, padded_length
+from mtp.data.tokenizer import GEMMA4_STOP_TOKENS
+from mtp.decoding.generate import Generation, generate, padded_length
 from mtp.decoding.sampling import Sampling
 from mtp.evaluation.prompts import Prompt
 from mtp.gemma4.model import Gemma4

@@ -46,7 +46,7 @@ def _device_batch(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
     }
 
 
-def _check_finite(unchecked: list[tuple], last_good: int | None, workdir: epath.Path) -> None:
+def check_finite(unchecked: list[tuple], last_good: int | None, workdir: epath.Path) -> None:
     """Raises naming the first step since the last check whose loss or gradient norm was NaN or Inf."""
     for step, finite, loss, grad_norm in jax.device_get(unchecked):
         if not finite:
@@ -138,7 +138,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             save_now = done % config.checkpoint_every_steps == 0 or last
             if not (log_now or eval_now or save_now):
                 continue
-            _check_finite(unchecked, last_good, workdir)  # before anything is logged or saved
+            check_finite(unchecked, last_good, workdir)  # before anything is logged or saved
             unchecked = []
             record = {}
             if log_now:
