@@ -83,7 +83,7 @@ def test_a_non_finite_step_leaves_the_state_as_it_was(monkeypatch):
     with pytest.raises(
         trainer.NonFiniteLossError, match=r"gradient norm nan\) at step 2;.*last good checkpoint is step 1"
     ):
-        trainer._check_finite([(2, metrics["finite"], metrics["loss"], metrics["grad_norm"])], 1, pathlib.Path("w"))
+        trainer.check_finite([(2, metrics["finite"], metrics["loss"], metrics["grad_norm"])], 1, pathlib.Path("w"))
 
     state, metrics = train_step(state, target_state, good)
     assert metrics["finite"] and np.isfinite(metrics["loss"])
