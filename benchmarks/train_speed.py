@@ -1,13 +1,27 @@
-"""Training cost on the embedded tiny pair: train step time ÷ frozen-target forward time on the same batch.
+"""Training cost: train step time ÷ frozen-target forward time on the same batch, against its floor.
 
-    python benchmarks/train_speed.py [--repeats 30]
+    OMP_NUM_THREADS=1 python benchmarks/train_speed.py [--repeats 15]
 
-Both are jitted and timed on their own in one run (median over repeats, after a warm-up); the ratio says how
-much the drafter's K-depth unroll, its backward pass and the optimizer add on top of the target forward that
-distillation needs anyway. Also prints training tokens per second (tokens in the batch ÷ step time).
+The target has the embedded target's shape (``configs/tiny_target.py``: 12 layers, width 256, vocabulary 4096)
+with random weights; the drafter is ``configs/tiny.py``'s (2 layers, width 128, 4 depths); batch 8 × 128 of
+random tokens, one document per row, every token trained. Timed in one process, interleaved (one call of each
+per round after a warm-up), medians:
+
+- ``target forward``: the frozen target's forward with its vocabulary projection (what distillation needs anyway);
+- ``drafter forward``: one depth of the drafter's unroll over the target's output, with its vocabulary head;
+- the train step with the teacher's logits computed once for all depths (``loss.whole_teacher_bytes``, default)
+  and per depth in vocabulary chunks under remat (``whole_teacher_bytes=0``, the full-size path).
+
+c = drafter forward ÷ target forward; the floor of step ÷ forward is 1 + 3 · depth · c (the frozen forward, then a
+forward and a backward of about twice its cost for each depth).
 """
 
 import argparse
+import collections
+import dataclasses
+import gzip
+import json
+import os
 import pathlib
 import statistics
 import sys
@@ -20,73 +34,145 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere without installing mtp
 
-from configs import tiny
+from configs import tiny, tiny_target
 from mtp import sharding as sharding_lib
-from mtp.checkpoint import load_target
+from mtp.embedded.target import model_config
+from mtp.gemma4.model import Gemma4
 from mtp.training import setup
 from mtp.training.config import loss_config
-from mtp.training.loss import frozen_target
+from mtp.training.loss import frozen_target, unroll
 from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_drafter
 from mtp.training.step import jit_train_step
 
 
-def median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def count(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def costliest_ops(directory: str, top: int = 12) -> list[tuple[str, float]]:
+    """Total milliseconds per HLO op name over the traced calls (``jax.profiler.trace``'s perfetto file)."""
+    (path,) = pathlib.Path(directory).rglob("*.trace.json.gz")
+    with gzip.open(path) as file:
+        events = json.load(file)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    total = collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and "dur" in event and "hlo_op" in event.get("args", {}):
+            total[event["name"]] += event["dur"] / 1e3
+    return total.most_common(top)
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--profile", default="", help="also trace each train step here; print its costliest ops")
     args = parser.parse_args()
+    print(f"load average (1/5/15 min) at start: {load()}")
     config = tiny.get_config()
     mesh = sharding_lib.make_mesh({"fsdp": 1})
-    target_dir = setup.target_directory(config, None)
-    target = load_target(target_dir, mesh=mesh)
-    template = setup.chat_template(config, target_dir)
-    rows, _ = setup.data_rows(config, None, target, template)
-    iterator = setup.train_iterator(config, rows, template)
-    batch = jax.device_put({k: np.asarray(v) for k, v in next(iterator).items()}, batch_sharding(mesh))
-    iterator.close()
+    target = Gemma4(model_config(tiny_target.get_config()), rngs=nnx.Rngs(0))
+    drafter = setup.build_drafter(config, target)
+    batch_size, length = config.batch_size, config.seq_len
+    rng = np.random.default_rng(0)
+    host_batch = {
+        "tokens": rng.integers(3, target.config.vocab_size, (batch_size, length)).astype(np.int32),
+        "positions": np.tile(np.arange(length, dtype=np.int32), (batch_size, 1)),
+        "segment_ids": np.ones((batch_size, length), np.int32),
+        "loss_mask": np.ones((batch_size, length), np.int32),
+    }
+    batch = jax.device_put(host_batch, batch_sharding(mesh))
 
     target_graph, target_state = nnx.split(target)
-    drafter_graph, params, extra = split_drafter(setup.build_drafter(config, target))
+    drafter_graph, params, extra = split_drafter(drafter)
     tx, schedule = make_optimizer(config)
-    state, state_sh = init_state(params, extra, tx, mesh)
     target_sh = sharding_lib.state_shardings(target_state, mesh)
-    step = jit_train_step(
-        state_sh,
-        target_sh,
-        batch_sharding(mesh),
-        replicated(mesh),
-        tx=tx,
-        schedule=schedule,
-        target_graph=target_graph,
-        drafter_graph=drafter_graph,
-        loss_config=loss_config(config),
-        dtype=jnp.float32,
+    losses = {"teacher once": loss_config(config)}
+    losses["per depth"] = dataclasses.replace(losses["teacher once"], whole_teacher_bytes=0)
+    depth = losses["teacher once"].depth
+    steps, states = {}, {}
+    for name, loss in losses.items():
+        states[name], state_sh = init_state(params, extra, tx, mesh)
+        steps[name] = jit_train_step(
+            state_sh,
+            target_sh,
+            batch_sharding(mesh),
+            replicated(mesh),
+            tx=tx,
+            schedule=schedule,
+            target_graph=target_graph,
+            drafter_graph=drafter_graph,
+            loss_config=loss,
+            dtype=jnp.float32,
+        )
+
+    @jax.jit
+    def target_forward(target_state, batch):
+        target = nnx.merge(target_graph, target_state)
+        return target.logits(frozen_target(target, batch, jnp.float32).hidden)
+
+    @jax.jit
+    def frozen_output(target_state, batch):
+        target = nnx.merge(target_graph, target_state)
+        return frozen_target(target, batch, jnp.float32, drafter.feature_layers)
+
+    @jax.jit
+    def drafter_forward(params, target_state, target_out, batch):
+        drafter = nnx.merge(drafter_graph, params, extra)
+        target = nnx.merge(target_graph, target_state)
+        (depth_0,) = unroll(drafter, target, target_out, batch, 1)
+        return drafter.full_logits(depth_0.features.normed, drafter.vocab_table(target))
+
+    target_out = frozen_output(target_state, batch)
+
+    def train(name):
+        def once():  # the step donates its state: feed each call the previous output
+            states[name], metrics = steps[name](states[name], target_state, batch)
+            return metrics["loss"]
+
+        return once
+
+    calls = {
+        "target forward": lambda: target_forward(target_state, batch),
+        "drafter forward": lambda: drafter_forward(params, target_state, target_out, batch),
+        **{f"train step, {name}": train(name) for name in losses},
+    }
+    for call in calls.values():  # compile and warm up
+        jax.block_until_ready(call())
+        jax.block_until_ready(call())
+    times = {name: [] for name in calls}
+    for _ in range(args.repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(time.perf_counter() - start)
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+    print(
+        f"batch {batch_size} x {length}, depth {depth}, {jax.devices()[0]}; target {count(target_state) / 1e6:.2f}M "
+        f"parameters, drafter {count(params) / 1e6:.2f}M ({count(target_state) / count(params):.1f}x smaller)"
     )
-    # The step donates its state: feed each call the previous output.
-    holder = {"state": state}
-
-    def train_once():
-        holder["state"], metrics = step(holder["state"], target_state, batch)
-        return metrics["loss"]
-
-    forward = jax.jit(lambda s, b: frozen_target(nnx.merge(target_graph, s), b, jnp.float32).hidden)
-    step_s = median_seconds(train_once, args.repeats)
-    forward_s = median_seconds(lambda: forward(target_state, batch), args.repeats)
-    tokens = config.batch_size * config.seq_len
-    print(f"batch {config.batch_size} x {config.seq_len}, drafter depth {config.loss.depth}, {jax.devices()[0]}")
-    print(f"train step      {step_s * 1e3:8.2f} ms (median of {args.repeats})")
-    print(f"target forward  {forward_s * 1e3:8.2f} ms (median of {args.repeats})")
-    print(f"ratio           {step_s / forward_s:8.2f}x")
-    print(f"tokens/s        {tokens / step_s:8.0f}")
+    for name, value in ms.items():
+        print(f"{name:28s} {value:8.2f} ms (median of {args.repeats}, interleaved)")
+    c = ms["drafter forward"] / ms["target forward"]
+    floor = 1 + 3 * depth * c
+    print(f"c = drafter ÷ target forward  {c:8.3f}")
+    print(f"floor 1 + 3·depth·c          {floor:8.2f}x")
+    for name in losses:
+        ratio = ms[f"train step, {name}"] / ms["target forward"]
+        print(f"step ÷ forward, {name:13s}{ratio:8.2f}x  = {ratio / floor:.2f}x the floor")
+    print(f"load average (1/5/15 min) at end: {load()}")
+    for name in losses if args.profile else ():
+        directory = f"{args.profile}/{name.replace(' ', '_')}"
+        with jax.profiler.trace(directory, create_perfetto_trace=True):
+            for _ in range(2):
+                jax.block_until_ready(train(name)())
+        print(f"costliest ops of 2 train steps, {name} (ms):")
+        for op, ms_total in costliest_ops(directory):
+            print(f"  {ms_total:9.1f}  {op}")
 
 
 if __name__ == "__main__":
