@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
             "centroid_weight": 1.0,
             "remat": "none",
             "seq_chunk": 0,
+            # The teacher's softmax once for all depths while its [B, T, V] tensors fit in this many bytes.
+            "whole_teacher_bytes": 1 << 30,
         }
     )
     c.optimizer = ml_collections.ConfigDict(
