@@ -77,6 +77,26 @@ def check_inputs(
             )
 
 
+def committed_states(*states: nnx.State | None) -> tuple[nnx.State | None, ...]:
+    """``states`` with every uncommitted array committed to the one device all of them live on.
+
+    jit keys its compilations on whether each argument is committed to a device: a drafter whose weights were
+    partly edited with arrays from a loaded checkpoint (committed) and partly freshly made (uncommitted) would
+    otherwise compile the whole decode loop again for the same shapes. Arrays on several devices (a sharded
+    target) are left as they are.
+    """
+    leaves = [x for state in states if state is not None for x in jax.tree.leaves(state)]
+    devices = {d for x in leaves if isinstance(x, jax.Array) for d in x.devices()}
+    if len(devices) != 1:
+        return states
+    sharding = jax.sharding.SingleDeviceSharding(devices.pop())
+
+    def commit(x):
+        return jax.device_put(x, sharding) if isinstance(x, jax.Array) and not x.committed else x
+
+    return tuple(None if state is None else jax.tree.map(commit, state) for state in states)
+
+
 def generate(
     target: Gemma4,
     drafter: nnx.Module | None,
@@ -111,6 +131,7 @@ def generate(
         padded[row, : len(prompt)] = prompt
     target_graph, target_state = nnx.split(target)
     drafter_graph, drafter_state = nnx.split(drafter) if draft_len else (None, None)
+    target_state, drafter_state = committed_states(target_state, drafter_state)
     row_ids = np.arange(first_row, first_row + len(prompts), dtype=np.int32)
     result = decode_loop(
         target_graph,

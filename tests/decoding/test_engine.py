@@ -169,6 +169,29 @@ def test_a_bf16_target_decodes_in_bf16_and_matches_float32():
     assert hidden == [jnp.bfloat16]
 
 
+def test_a_drafter_with_some_committed_weights_reuses_the_compiled_loop(oracle_target):
+    """A drafter edited with arrays computed from the loaded target's (committed to a device) next to fresh ones
+    (uncommitted) must not compile the decode loop again for the same shapes."""
+    _, _, target = oracle_target("dense")
+    compiles = []
+
+    def count(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
+
+    prompts = prompts_of(1, seed=11)
+    fresh, edited = random_drafter(target), random_drafter(target)
+    edited.embed[...] = target.embed[...][:, : edited.embed.shape[1]] * 1.0  # committed, like the target's
+    assert edited.embed[...].committed and not fresh.embed[...].committed
+    generate(target, fresh, prompts, draft_len=2, max_new_tokens=9, stop_tokens=())
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        generate(target, edited, prompts, draft_len=2, max_new_tokens=9, stop_tokens=())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert compiles == [], f"{len(compiles)} compilation(s) for a drafter of the same shapes"
+
+
 def test_bad_inputs_fail_before_any_work(target_pair):
     _, _, target = target_pair
     drafter = random_drafter(target)
