@@ -39,16 +39,17 @@ def cluster_means(embed_VD: np.ndarray, ordering: np.ndarray, num_clusters: int)
 
 
 def centroid_loss(
-    scores_BTC: jax.Array, teacher_logits_BTV: jax.Array, ordering_V: jax.Array, top_k: int, mask_BT: jax.Array
+    scores_BTC: jax.Array, teacher_top_BT: jax.Array, ordering_V: jax.Array, top_k: int, mask_BT: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """Σ cross-entropy towards the cluster of the target's argmax, and Σ coverage (that cluster in the top-k)."""
+    """Σ cross-entropy towards the cluster of the target's argmax token ``teacher_top_BT``, and Σ coverage (that
+    cluster in the top-k)."""
     num_clusters = scores_BTC.shape[-1]
     cluster_of_token = (
         jnp.zeros_like(ordering_V)
         .at[ordering_V]
         .set(jnp.arange(ordering_V.shape[0], dtype=ordering_V.dtype) // (ordering_V.shape[0] // num_clusters))
     )
-    wanted_BT = cluster_of_token[jnp.argmax(teacher_logits_BTV, axis=-1)]
+    wanted_BT = cluster_of_token[teacher_top_BT]
     log_probs = jax.nn.log_softmax(scores_BTC.astype(jnp.float32), axis=-1)
     nll_BT = -jnp.take_along_axis(log_probs, wanted_BT[..., None], axis=-1)[..., 0]
     _, top_BTK = jax.lax.top_k(scores_BTC, top_k)

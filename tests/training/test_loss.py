@@ -12,7 +12,15 @@ from mtp.drafter.model import Drafter
 from mtp.gemma4.cache import KVCache
 from mtp.gemma4.config import config_from_hf
 from mtp.gemma4.model import Gemma4, drafter_kv_from_cache
-from mtp.training.loss import LossConfig, distill_loss, drafted_tokens, frozen_target, unroll
+from mtp.training.loss import (
+    LossConfig,
+    cross_entropy,
+    distill_loss,
+    drafted_tokens,
+    first_argmax,
+    frozen_target,
+    unroll,
+)
 from tests import hf_oracle
 
 DEPTH = 3
@@ -221,3 +229,33 @@ def test_remat_sequence_chunks_and_the_once_computed_teacher_change_neither_the_
     for name in ("once", "layer", "depth"):
         for got, want in zip(jax.tree.leaves(out[name]), jax.tree.leaves(out["per_depth"]), strict=True):
             np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5, err_msg=name)
+
+
+def test_the_fused_cross_entropy_has_the_plain_formulas_value_and_gradients():
+    """cross_entropy's custom backward == jax.grad of -Σ p log softmax(s), for both arguments, in float64."""
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(3), 3)
+        p = jax.nn.softmax(3 * jax.random.normal(keys[0], (2, 5, 64), jnp.float64), axis=-1)
+        logits = 20 * jax.random.normal(keys[1], (2, 5, 64), jnp.float64)  # large logits: no cancellation either
+        weight = jax.random.normal(keys[2], (2, 5), jnp.float64)
+
+        def plain(p, logits):
+            return jnp.sum(weight * -jnp.sum(p * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+
+        def fused(p, logits):
+            return jnp.sum(weight * cross_entropy(p, logits))
+
+        want = jax.value_and_grad(plain, argnums=(0, 1))(p, logits)
+        got = jax.value_and_grad(fused, argnums=(0, 1))(p, logits)
+        for name, g, w in zip(
+            ("value", "grad p", "grad logits"), jax.tree.leaves(got), jax.tree.leaves(want), strict=True
+        ):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_first_argmax_is_argmax_ties_included():
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 5, (3, 7, 40)).astype(np.float32)  # many equal maxima per row
+    x[0, 0] = -np.inf
+    x[0, 1, 5] = np.inf
+    np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), np.argmax(x, axis=-1))
