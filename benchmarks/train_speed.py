@@ -23,6 +23,7 @@ import gzip
 import json
 import os
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -53,8 +54,19 @@ def count(tree) -> int:
     return sum(x.size for x in jax.tree.leaves(tree))
 
 
-def costliest_ops(directory: str, top: int = 12) -> list[tuple[str, float]]:
-    """Total milliseconds per HLO op name over the traced calls (``jax.profiler.trace``'s perfetto file)."""
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> its result shape and the JAX operation it came from (``op_name`` metadata)."""
+    sources = {}
+    for line in hlo_text.splitlines():
+        if match := re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ", line):
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            sources.setdefault(match[1], f"{match[2].split('{')[0]:22s} {op_name[1][-90:] if op_name else ''}")
+    return sources
+
+
+def costliest_ops(directory: str, sources: dict[str, str], top: int = 20) -> list[tuple[float, str, str]]:
+    """Total milliseconds per HLO op over the traced calls (``jax.profiler.trace``'s perfetto file), with the
+    shape and JAX operation each comes from (``transpose(jvp(...))``: the backward pass)."""
     (path,) = pathlib.Path(directory).rglob("*.trace.json.gz")
     with gzip.open(path) as file:
         events = json.load(file)
@@ -63,7 +75,7 @@ def costliest_ops(directory: str, top: int = 12) -> list[tuple[str, float]]:
     for event in events:
         if event.get("ph") == "X" and "dur" in event and "hlo_op" in event.get("args", {}):
             total[event["name"]] += event["dur"] / 1e3
-    return total.most_common(top)
+    return [(ms, op, sources.get(op, "")) for op, ms in total.most_common(top)]
 
 
 def main():
@@ -167,12 +179,13 @@ def main():
     print(f"load average (1/5/15 min) at end: {load()}")
     for name in losses if args.profile else ():
         directory = f"{args.profile}/{name.replace(' ', '_')}"
+        sources = hlo_sources(steps[name].lower(states[name], target_state, batch).compile().as_text())
         with jax.profiler.trace(directory, create_perfetto_trace=True):
             for _ in range(2):
                 jax.block_until_ready(train(name)())
-        print(f"costliest ops of 2 train steps, {name} (ms):")
-        for op, ms_total in costliest_ops(directory):
-            print(f"  {ms_total:9.1f}  {op}")
+        print(f"costliest ops of 2 train steps, {name} (ms, op, shape, source):")
+        for ms_total, op, source in costliest_ops(directory, sources):
+            print(f"  {ms_total:9.1f}  {op:28s} {source}")
 
 
 if __name__ == "__main__":
