@@ -193,7 +193,7 @@ def chunked_depth_loss(
     def one(carry, xs):
         teacher_h, student_h, mask, j = xs
         teacher = target.logits(teacher_h, teacher_VD)
-        student = drafter.full_logits(student_h, student_VE)
+        student = student_logits(drafter, student_h, student_VE)
         loss = divergence(teacher, student, config.divergence)
         top = first_argmax(teacher)
         agree = top == drafted_tokens(drafter, student_h, student)
@@ -234,7 +234,7 @@ vocab_projection.defvjp(_projection_forward, _projection_backward)
 
 def student_logits(drafter: DrafterFamily, h_BTE: jax.Array, table_VE: jax.Array) -> jax.Array:
     """The drafter's full logits; the plain head through ``vocab_projection``, a family's own head as it is."""
-    if type(drafter).full_logits is DrafterFamily.full_logits:
+    if type(drafter).full_logits is DrafterFamily.full_logits and table_VE is not None:
         return vocab_projection(h_BTE, table_VE)
     return drafter.full_logits(h_BTE, table_VE)
 
