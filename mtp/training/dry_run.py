@@ -32,6 +32,11 @@ from mtp.training.state import (
 )
 from mtp.training.step import jit_train_step
 
+# The dry run never executes its program: skip LLVM's optimisation of the generated code. XLA's HLO passes, and
+# with them buffer assignment and the memory figures, are unchanged (checked on gemma4_e2b: identical argument and
+# temporary bytes, compile 41 -> 35 s).
+_ANALYSIS_ONLY = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
 
 def abstract_drafter(config: ml_collections.ConfigDict, target: Gemma4) -> DrafterFamily:
     """The config's drafter, of its ``drafter.family``, as shapes only (``target`` may be abstract: only its config
@@ -44,7 +49,8 @@ def abstract_drafter(config: ml_collections.ConfigDict, target: Gemma4) -> Draft
 
 
 def compile_train_step(config: ml_collections.ConfigDict, target_config: Gemma4Config, mesh: Mesh):
-    """The compiled train step of ``config`` for a target of ``target_config`` on ``mesh``."""
+    """The train step of ``config`` for a target of ``target_config`` on ``mesh``, compiled for its memory analysis
+    (with unoptimised machine code: not for running)."""
     target = nnx.eval_shape(lambda: Gemma4(target_config, rngs=nnx.Rngs(0)))
     drafter_graph, params, extra = split_drafter(abstract_drafter(config, target))
     target_graph, target_abstract = nnx.split(target)
@@ -70,7 +76,7 @@ def compile_train_step(config: ml_collections.ConfigDict, target_config: Gemma4C
         loss_config=loss_config(config),
         dtype=jnp.dtype(config.compute_dtype),
     )
-    return step.lower(abstract_like(abstract, state_sh), target_in, batch).compile()
+    return step.lower(abstract_like(abstract, state_sh), target_in, batch).compile(compiler_options=_ANALYSIS_ONLY)
 
 
 def target_config_of(config: ml_collections.ConfigDict) -> Gemma4Config:
