@@ -1,4 +1,4 @@
-"""The mixture of experts gives the same answer in tiles (long sequences) as with ``ragged_dot`` (decoding)."""
+"""Experts in tiles equal ``ragged_dot``, the chunked MLP the whole, ``project`` (value, gradients) its einsum."""
 
 import jax
 import jax.numpy as jnp
@@ -33,3 +33,27 @@ def test_chunked_mlp_equals_the_whole_sequence(monkeypatch):
     monkeypatch.setattr(layers, "MLP_CHUNK", 4)
     chunked = jax.jit(lambda x: mlp(x))(x_BTD)
     np.testing.assert_allclose(chunked, mlp.dense(x_BTD), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "dtype, rtol", [(jnp.float64, 1e-13), (jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)], ids=["f64", "f32", "bf16"]
+)
+def test_project_value_and_gradients_equal_the_einsum(dtype, rtol):
+    def plain(x_BTD, w_DF):
+        return jnp.einsum("BTD,DF->BTF", x_BTD, w_DF)
+
+    def value_and_grads(project, x_BTD, w_DF, c_BTF):  # a cotangent that is not all ones, through a nonlinearity
+        return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(project(x, w)) * c_BTF), argnums=(0, 1)))(
+            x_BTD, w_DF
+        )
+
+    with jax.enable_x64(dtype == jnp.float64):
+        x_BTD = jax.random.normal(jax.random.key(0), (2, 5, 6), dtype)
+        w_DF = jax.random.normal(jax.random.key(1), (6, 7), dtype)
+        c_BTF = jax.random.normal(jax.random.key(2), (2, 5, 7), dtype)
+        np.testing.assert_array_equal(jax.jit(layers.project)(x_BTD, w_DF), jax.jit(plain)(x_BTD, w_DF))
+        want = jax.tree.leaves(value_and_grads(plain, x_BTD, w_DF, c_BTF))
+        got = jax.tree.leaves(value_and_grads(layers.project, x_BTD, w_DF, c_BTF))
+    assert [x.dtype for x in got] == [x.dtype for x in want] == [dtype] * 3
+    for got_x, want_x in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.float64(got_x), np.float64(want_x), rtol=rtol, atol=rtol * np.abs(want_x).max())
