@@ -14,12 +14,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # after the environment above, before anything imports jax
 
 
+def pytest_collection_finish(session):
+    """The full-size dry runs start now, in the background, if any of their tests will run."""
+    if any(item.name.startswith("test_full_size_train_step_fits_its_budget") for item in session.items):
+        from tests.training import dry_runs
+
+        dry_runs.start()
+
+
 @pytest.fixture(scope="session")
-def embedded_paths(tmp_path_factory):
-    """The embedded corpus, built once per session."""
+def embedded_paths(embedded_cache):
+    """The embedded corpus, built once per session (the one the test target was trained on)."""
     from mtp.embedded import corpus
 
-    return corpus.ensure_embedded_dataset(tmp_path_factory.mktemp("embedded"))
+    return corpus.ensure_embedded_dataset(embedded_cache / "data")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """Every config loads; each full-size train step, compiled from shapes alone on 8 devices, fits its memory budget."""
 
-import concurrent.futures
 import importlib
 import json
 import pathlib
@@ -8,8 +7,9 @@ import pathlib
 import pytest
 
 from mtp.gemma4.config import PRESETS
-from mtp.training.dry_run import dry_run
 from tests.gemma4.test_config import param_count
+from tests.training import dry_runs
+from tests.training.dry_runs import BUDGET_GIB
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[2] / "configs").glob("*.py"))
 
@@ -22,10 +22,6 @@ def test_every_config_loads(name):
         config.seedd = 1
 
 
-# Per-device budget for arguments + temporaries: an 80 GB H100 or a 95 GB v5p for the large targets, with headroom.
-BUDGET_GIB = {"gemma4_e2b": 24, "gemma4_e4b": 24, "gemma4_26b_a4b": 40, "gemma4_31b": 40}
-
-
 def test_the_thought_primer_is_on_where_the_target_template_opens_model_turns_with_it():
     """The 26B-A4B and 31B chat templates put an empty thought channel at the start of model turns; E2B/E4B's do not."""
     primed = {
@@ -36,23 +32,13 @@ def test_the_thought_primer_is_on_where_the_target_template_opens_model_turns_wi
     assert primed == {"gemma4_26b_a4b", "gemma4_31b"}
 
 
-@pytest.fixture(scope="module")
-def dry_runs():
-    """The dry run of each full-size config (global batch 64 x 2048, the mesh the config recommends), each step
-    compiled once. Two at a time: XLA compiles without holding the GIL, so both cores of a 2-core machine work."""
-
-    def one(name):
-        return dry_run(importlib.import_module(f"configs.{name}").get_config(), name)
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(sorted(BUDGET_GIB), pool.map(one, sorted(BUDGET_GIB)), strict=True))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BUDGET_GIB))
-def test_full_size_train_step_fits_its_budget_on_8_devices(name, dry_runs):
-    """XLA:CPU's memory analysis of the compiled step, per device."""
-    result = dry_runs[name]
+def test_full_size_train_step_fits_its_budget_on_8_devices(name):
+    """XLA:CPU's memory analysis of the compiled step, per device, from the user's command ``python train.py
+    --config configs/NAME.py --workdir W --dry_run`` (global batch 64 x 2048, the mesh the config recommends),
+    started in the background when the tests were collected (tests/training/dry_runs.py)."""
+    result = dry_runs.start()[name].result()
     used = (result["argument_bytes"] + result["temp_bytes"]) / 2**30
     print(json.dumps(result))
     # The frozen target's bf16 parameters alone, split over the fsdp axis: the arguments can be no smaller.

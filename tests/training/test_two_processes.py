@@ -54,9 +54,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(workdir: pathlib.Path, compile_cache: pathlib.Path, preempt_at: int) -> None:
+def start_two_processes(
+    workdir: pathlib.Path, compile_cache: pathlib.Path, preempt_at: int
+) -> list[tuple[subprocess.Popen, pathlib.Path]]:
     """One launch of both processes: self-distill, train until preempted during step ``preempt_at``, train again
-    (resuming); the resumed run's compilations come from the shared compilation cache."""
+    (resuming); the resumed run's compilations come from the shared compilation cache. Each process's stderr goes
+    to a file (a pipe nobody reads until both are done could fill and stall it)."""
     env = os.environ | {
         # LLVM's cheapest code generation: a quarter less time compiling; results move by ulps (~1e-7), far inside
         # the tolerances below.
@@ -67,26 +70,27 @@ def run_two_processes(workdir: pathlib.Path, compile_cache: pathlib.Path, preemp
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
     port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.training.two_process_worker", str(i), port, str(workdir), str(preempt_at)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    errors = []
+    started = []
+    for i in range(2):
+        log = workdir.parent / f"process_{i}.stderr"
+        with log.open("w") as stderr:
+            command = [sys.executable, "-m", "tests.training.two_process_worker", str(i), port, str(workdir)]
+            proc = subprocess.Popen(
+                [*command, str(preempt_at)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+        started.append((proc, log))
+    return started
+
+
+def wait_for(started: list[tuple[subprocess.Popen, pathlib.Path]]) -> None:
     try:
-        for proc in procs:
-            errors.append(proc.communicate(timeout=420)[1])
+        for proc, _ in started:
+            proc.wait(timeout=420)
     finally:
-        for proc in procs:
+        for proc, _ in started:
             proc.kill()
-    for proc, err in zip(procs, errors, strict=True):
-        assert proc.returncode == 0, err[-3000:]
+    for proc, log in started:
+        assert proc.returncode == 0, log.read_text()[-3000:]
 
 
 def logged(workdir: pathlib.Path) -> list[dict]:
@@ -107,11 +111,14 @@ def tensors(workdir: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def test_two_processes_stop_resume_and_match_one(embedded_cache, tmp_path):
-    one = tmp_path / "one"
-    self_distill(one)
-    trainer.train(two_process_config(), one)
     two = tmp_path / "two"
-    run_two_processes(two, tmp_path / "compile_cache", preempt_at=4)
+    procs = start_two_processes(two, tmp_path / "compile_cache", preempt_at=4)
+    try:  # the one-process reference, while the two processes run
+        one = tmp_path / "one"
+        self_distill(one)
+        trainer.train(two_process_config(), one)
+    finally:
+        wait_for(procs)
     for i in range(2):  # stopped with step 3 logged and the checkpoint of step 2, then resumed from it
         report = json.loads((two / f"process_{i}.json").read_text())
         assert report == {"stopped": {"checkpoints": [2], "logged": [1, 2, 3]}, "resumed_at": [2]}, i
