@@ -16,10 +16,15 @@ import pytest  # after the environment above, before anything imports jax
 
 def pytest_collection_finish(session):
     """The full-size dry runs start now, in the background, if any of their tests will run."""
-    if any(item.name.startswith("test_full_size_train_step_fits_its_budget") for item in session.items):
+    names = [
+        item.callspec.params["name"]
+        for item in session.items
+        if item.name.startswith("test_full_size_train_step_fits_its_budget")
+    ]
+    if names:
         from tests.training import dry_runs
 
-        dry_runs.start()
+        dry_runs.start(names)
 
 
 @pytest.fixture(scope="session")

@@ -139,7 +139,7 @@ def test_float64_semantics_match_transformers(pair):
     hf_model.float().config._experts_implementation = kernel
     with jax.enable_x64(True):
         model = load_target(path, dtype=jnp.float64)
-        out, _ = model(jnp.asarray(ids), dtype=jnp.float64)
+        out, _ = forward(model, jnp.asarray(ids), dtype=jnp.float64)
         assert out.logits.dtype == jnp.float64
         incremental = incremental_logits(model, ids, 3, dtype=jnp.float64)
     assert_close(out.logits, ref.logits.numpy(), F64_ATOL, f"{kind} float64 logits")

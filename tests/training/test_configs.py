@@ -38,7 +38,7 @@ def test_full_size_train_step_fits_its_budget_on_8_devices(name):
     """XLA:CPU's memory analysis of the compiled step, per device, from the user's command ``python train.py
     --config configs/NAME.py --workdir W --dry_run`` (global batch 64 x 2048, the mesh the config recommends),
     started in the background when the tests were collected (tests/training/dry_runs.py)."""
-    result = dry_runs.start()[name].result()
+    result = dry_runs.start([name])[name].result()
     used = (result["argument_bytes"] + result["temp_bytes"]) / 2**30
     print(json.dumps(result))
     # The frozen target's bf16 parameters alone, split over the fsdp axis: the arguments can be no smaller.
