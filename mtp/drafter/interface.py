@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from mtp.gemma4.layers import first_argmax
 from mtp.gemma4.model import Gemma4, LayerKV, TargetOutput
 
 # pick(logits_BV, keys_B or None) -> tokens_B: argmax, or one sample per row with the row's own key.
@@ -135,7 +136,7 @@ class DrafterFamily(nnx.Module):
 
     def drafted_tokens(self, h_BTE: jax.Array, logits_BTV: jax.Array) -> jax.Array:
         """The greedy draft from the head's input and its full logits."""
-        return jnp.argmax(logits_BTV, axis=-1)
+        return first_argmax(logits_BTV)
 
     def head_clusters(self, h_BTE: jax.Array) -> tuple[jax.Array, jax.Array, int] | None:
         """A clustered head's (cluster scores ``[B, T, C]``, token ordering ``[V]``, clusters kept); None: plain."""

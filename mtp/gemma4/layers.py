@@ -36,6 +36,18 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
 
+def first_argmax(x_BTV: jax.Array) -> jax.Array:
+    """``jnp.argmax`` over the last axis (the first of equal maxima), as a max and then a min over the indices
+    holding it: XLA:CPU runs argmax as one variadic reduce, about 6x slower (19 vs 3 ms on [8, 128, 4096])."""
+    size = x_BTV.shape[-1]
+    if size >= 1 << 24:
+        raise ValueError(f"first_argmax indexes in float32, exact below 2^24 entries, not {size}.")
+    # The index stays float32: XLA:CPU's int32 min over the same entries ran as slowly as argmax.
+    at_max_BTV = x_BTV == jnp.max(x_BTV, axis=-1, keepdims=True)
+    index_BTV = jnp.where(at_max_BTV, jnp.arange(size, dtype=jnp.float32), float(size))
+    return jnp.min(index_BTV, axis=-1).astype(jnp.int32)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
     """``x * (mean(x²) + eps)^-½ * w`` in at least float32; Gemma 4 multiplies by ``w`` (not ``1 + w``)."""
     compute = jnp.promote_types(x.dtype, jnp.float32)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp.drafter.interface import Anchor, DepthOutput, DrafterFamily, UnrollInputs, wide
+from mtp.gemma4.layers import first_argmax
 from mtp.gemma4.model import Gemma4, TargetOutput
 from mtp.sharding import constrain_replicated
 from mtp.training.centroids import centroid_loss
@@ -76,18 +77,6 @@ def frozen_target(target: Gemma4, batch: dict, dtype: jnp.dtype, feature_layers:
     return jax.lax.stop_gradient(out)
 
 
-def first_argmax(x_BTV: jax.Array) -> jax.Array:
-    """``jnp.argmax`` over the last axis (the first of equal maxima), as a max and then a min over the indices
-    holding it: XLA:CPU runs argmax as one variadic reduce, about 6x slower (19 vs 3 ms on [8, 128, 4096])."""
-    size = x_BTV.shape[-1]
-    if size >= 1 << 24:
-        raise ValueError(f"first_argmax indexes in float32, exact below 2^24 entries, not {size}.")
-    # The index stays float32: XLA:CPU's int32 min over the same entries ran as slowly as argmax.
-    at_max_BTV = x_BTV == jnp.max(x_BTV, axis=-1, keepdims=True)
-    index_BTV = jnp.where(at_max_BTV, jnp.arange(size, dtype=jnp.float32), float(size))
-    return jnp.min(index_BTV, axis=-1).astype(jnp.int32)
-
-
 @jax.custom_vjp
 def cross_entropy(p_BTV: jax.Array, logits_BTV: jax.Array) -> jax.Array:
     """-Σ p log softmax(logits) per position, for p whose rows sum to 1 (a softmax); the backward rebuilds
@@ -138,10 +127,7 @@ def divergence_from(p_BTV: jax.Array, neg_entropy_BT: jax.Array, student_logits:
 
 
 def drafted_tokens(drafter: DrafterFamily, h_BTD: jax.Array, logits_BTV: jax.Array) -> jax.Array:
-    """The greedy draft of the head the drafter drafts with, from its full logits (``drafted_tokens``); a head
-    without clusters drafts its full logits' argmax (``DrafterFamily.drafted_tokens``), here the faster one."""
-    if drafter.head_clusters(h_BTD) is None:
-        return first_argmax(logits_BTV)
+    """The greedy draft of the head the drafter drafts with, from its full logits (``drafted_tokens``)."""
     return drafter.drafted_tokens(h_BTD, logits_BTV)
 
 

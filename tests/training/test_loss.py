@@ -11,13 +11,13 @@ from mtp.drafter.draft import draft
 from mtp.drafter.model import Drafter
 from mtp.gemma4.cache import KVCache
 from mtp.gemma4.config import config_from_hf
+from mtp.gemma4.layers import first_argmax
 from mtp.gemma4.model import Gemma4, drafter_kv_from_cache
 from mtp.training.loss import (
     LossConfig,
     cross_entropy,
     distill_loss,
     drafted_tokens,
-    first_argmax,
     frozen_target,
     unroll,
 )
