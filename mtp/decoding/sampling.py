@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from mtp.gemma4.layers import first_argmax
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -81,7 +83,7 @@ def verify_greedy(logits_BTV: jax.Array, drafts_BP: jax.Array) -> tuple[jax.Arra
     Returns the accepted count n ``[B]`` and the target's tokens ``[B, P+1]``: the first n equal the drafts and
     entry n is the target's own token.
     """
-    chosen_BT = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)
+    chosen_BT = first_argmax(logits_BTV)
     num_drafts = drafts_BP.shape[1]
     return leading_true(drafts_BP == chosen_BT[:, :num_drafts]), chosen_BT
 

@@ -146,7 +146,7 @@ class DrafterFamily(nnx.Module):
 def make_pick(temperature: float, sample_logits: Callable[[jax.Array], jax.Array] | None) -> Pick:
     """Argmax at temperature 0, else a sample of ``softmax(sample_logits(logits))`` with each row's own key."""
     if temperature <= 0:
-        return lambda logits_BV, keys_B: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return lambda logits_BV, keys_B: first_argmax(logits_BV)
     if sample_logits is None:
         sample_logits = lambda logits_BV: logits_BV.astype(jnp.float32) / temperature
     return lambda logits_BV, keys_B: jax.vmap(jax.random.categorical)(keys_B, sample_logits(logits_BV)).astype(

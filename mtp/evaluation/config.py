@@ -32,6 +32,9 @@ def eval_config() -> ml_collections.ConfigDict:
             "batch_sizes": (1,),
             "max_new_tokens": (96,),
             "repeats": 1,  # timed decodes per batch and mode (the median counts), interleaved across modes
+            # Prefill in chunks of this many tokens (0: one pass). A sweep pads every prompt to the longest one's
+            # length (one compilation); chunks make each prompt cost its own length. Small chunks suit CPUs.
+            "prefill_chunk": 0,
             "output_dir": "",  # default WORKDIR/eval
             "offline": True,  # also the held-out top-1 agreement of a training run's drafter
         }
@@ -47,6 +50,7 @@ class SweepSettings:
     batch_sizes: tuple[int, ...]
     max_new_tokens: tuple[int, ...]
     repeats: int = 1
+    prefill_chunk: int | None = None  # None: one pass
 
     def points(self) -> list[tuple[int, int, float]]:
         return [(n, b, t) for n in self.max_new_tokens for b in self.batch_sizes for t in self.temperatures]
@@ -75,12 +79,15 @@ def sweep_settings(ev: ml_collections.ConfigDict) -> SweepSettings:
         raise EvalConfigError(f"eval.temperatures={temperatures}: give one or more values >= 0 (0 is greedy).")
     if int(ev.repeats) < 1:
         raise EvalConfigError(f"eval.repeats={ev.repeats}: it must be at least 1.")
+    if int(ev.prefill_chunk) < 0:
+        raise EvalConfigError(f"eval.prefill_chunk={ev.prefill_chunk}: give a token count, or 0 for one pass.")
     return SweepSettings(
         tuple(sorted(set(draft_lens))),
         _unique(temperatures),
         _unique(batch_sizes),
         _unique(max_new_tokens),
         int(ev.repeats),
+        int(ev.prefill_chunk) or None,
     )
 
 

@@ -76,6 +76,7 @@ def run_sweeps(
                 temperature=temperature,
                 batch_size=batch_size,
                 repeats=settings.repeats,
+                prefill_chunk=settings.prefill_chunk,
                 stop_tokens=stop_tokens,
                 template=template,
                 seed=seed,

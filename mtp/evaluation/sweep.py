@@ -13,7 +13,7 @@ from flax import nnx
 
 from mtp.data.chat import ChatTemplate
 from mtp.data.tokenizer import GEMMA4_STOP_TOKENS
-from mtp.decoding.generate import Generation, generate, padded_length
+from mtp.decoding.generate import Decoder, Generation, padded_length
 from mtp.decoding.sampling import Sampling
 from mtp.evaluation.prompts import Prompt
 from mtp.gemma4.model import Gemma4
@@ -43,6 +43,7 @@ def sweep(
     temperature: float = 0.0,
     batch_size: int = 1,
     repeats: int = 1,
+    prefill_chunk: int | None = None,
     stop_tokens: Sequence[int] = GEMMA4_STOP_TOKENS,
     template: ChatTemplate | None = None,
     seed: int = 0,
@@ -61,6 +62,7 @@ def sweep(
     if any(p.num_turns > 1 for p in prompts) and template is None:
         raise ValueError("multi-turn prompts need the chat template to append answers")
     modes = [0, *draft_lens]
+    decoder = Decoder(target, drafter if draft_lens else None)
     sampling = Sampling(temperature)
     runs = {mode: Run(mode) for mode in modes}
     decoded: list[Prompt] = []
@@ -81,25 +83,19 @@ def sweep(
             sampling=sampling,
             seed=seed,
             pad_multiple=padded_length(max(map(len, ids.values())), 64),  # one padded length: one compilation
+            prefill_chunk=prefill_chunk,
         )
         batches = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
         for batch in {len(b): b for b in batches}.values():  # compile every batch shape outside the timing
             for mode in modes:
-                generate(target, drafter if mode else None, [ids[i] for i in batch], draft_len=mode, **kwargs)
+                decoder.generate([ids[i] for i in batch], draft_len=mode, **kwargs)
         for number, batch in enumerate(batches):
             first_row = len(decoded)
             outputs, seconds = {}, {mode: [] for mode in modes}
             for repeat in range(repeats):
                 for mode in _rotated(modes, number + repeat):
                     start = time.perf_counter()
-                    out, _ = generate(
-                        target,
-                        drafter if mode else None,
-                        [ids[i] for i in batch],
-                        draft_len=mode,
-                        first_row=first_row,
-                        **kwargs,
-                    )
+                    out, _ = decoder.generate([ids[i] for i in batch], draft_len=mode, first_row=first_row, **kwargs)
                     seconds[mode].append(time.perf_counter() - start)
                     outputs.setdefault(mode, out)
             for mode in modes:

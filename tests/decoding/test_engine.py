@@ -51,11 +51,21 @@ def test_greedy_speculative_equals_greedy_autoregressive(target_pair, batch, mak
         plain = hf_oracle.reference_greedy(hf_model, np.array(prompts), MAX_NEW).tolist()
     drafter = make_drafter(target)
     # The copying drafter (accepted drafts) on the ragged batch: draft length 4 for every kind, and 1 and 2 too on
-    # the dense one (the loop's draft-length logic is the same for every kind; each length is a compilation).
-    # Draft length 3 everywhere else.
+    # the dense one (the loop's draft-length logic is the same for every kind; each length is a compilation),
+    # prefilled in chunks of 8 tokens (the sliding window), so the chunked prefill meets every kind's layers.
+    # Draft length 3 everywhere else, prefilled in one pass.
     sweep = (1, 2, 4) if kind == "dense" else (4,)
-    for draft_len in sweep if make_drafter is copy_drafter and batch > 1 else (3,):
-        spec, _ = generate(target, drafter, prompts, draft_len=draft_len, max_new_tokens=MAX_NEW, stop_tokens=())
+    chunked = make_drafter is copy_drafter and batch > 1
+    for draft_len in sweep if chunked else (3,):
+        spec, _ = generate(
+            target,
+            drafter,
+            prompts,
+            draft_len=draft_len,
+            max_new_tokens=MAX_NEW,
+            stop_tokens=(),
+            prefill_chunk=hf_oracle.SLIDING_WINDOW if chunked else None,
+        )
         for a, b in zip(plain, spec, strict=True):
             assert a == b.token_ids, (kind, draft_len)
             assert sum(b.produced_per_round) == MAX_NEW - 1
@@ -151,7 +161,7 @@ def test_a_bf16_target_decodes_in_bf16_and_matches_float32():
         assert [o.token_ids for o in got] == [o.token_ids for o in want], draft_len
     target_graph, target_state = nnx.split(bf16)
     traced = engine.decode_loop.trace(
-        target_graph,
+        engine.StaticGraph(target_graph),
         target_state,
         None,
         None,
@@ -207,6 +217,7 @@ def test_bad_inputs_fail_before_any_work(target_pair):
         (dict(prompts=[[5]], draft_len=drafter.config.max_draft_len + 1), "max_draft_len"),
         (dict(prompts=[[5] * 30], max_cache_len=40), "max_cache_len"),
         (dict(prompts=[[5]], draft_len=2, drafter=None), "needs a drafter"),
+        (dict(prompts=[[5]], prefill_chunk=0), "prefill_chunk"),
     ]
     for kwargs, message in cases:
         call = dict(drafter=drafter, draft_len=2, max_new_tokens=16) | kwargs

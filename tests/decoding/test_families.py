@@ -31,6 +31,14 @@ def test_greedy_speculative_equals_plain_at_batch_1_and_4(target, family):
         for a, b in zip(plain, spec, strict=True):
             assert a.token_ids == b.token_ids, (family, len(prompts))
             assert sum(b.produced_per_round) == MAX_NEW - 1
+    # Prefilled 4 tokens at a time (5 chunks for the longest prompt, fewer for the others): each row's anchor (its
+    # last prompt position's hidden state and fused layers) comes from the chunk that holds it, so every draft is
+    # the same as after the one-pass prefill.
+    chunked, _ = generate(
+        target, drafter, prompts, draft_len=3, max_new_tokens=MAX_NEW, stop_tokens=(), prefill_chunk=4
+    )
+    assert [o.drafted_per_round for o in chunked] == [o.drafted_per_round for o in spec], family
+    assert [o.token_ids for o in chunked] == [o.token_ids for o in spec], family
 
 
 @pytest.fixture(scope="module")

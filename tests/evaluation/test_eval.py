@@ -107,6 +107,7 @@ def fitting_nothing(tmp_path, workdir):
         ("empty", r"empty\.jsonl holds no prompts"),
         ("unfit_drafter", r"drafter/config\.json: .*backbone_hidden_size = 48 but target hidden_size = 64"),
         ("draft_len", r"draft_lens has \[5\], above the drafter's max_draft_len=4"),
+        ("prefill_chunk", r"eval\.prefill_chunk=-8: give a token count, or 0 for one pass"),
     ],
 )
 def test_bad_input_is_one_clear_line_before_any_decoding(tiny_run, tmp_path, case, message):
@@ -123,6 +124,8 @@ def test_bad_input_is_one_clear_line_before_any_decoding(tiny_run, tmp_path, cas
         settings["prompts_file"] = str(tmp_path / "empty.jsonl")
     elif case == "unfit_drafter":
         settings["drafter_path"] = str(fitting_nothing(tmp_path, workdir))
+    elif case == "prefill_chunk":
+        settings["prefill_chunk"] = -8
     else:
         settings["draft_lens"] = (2, 5)
     with pytest.raises(UserError, match=message) as error:
