@@ -18,12 +18,12 @@ def get_config(arg: str | None = None):
     config.target.embedded_tiny = True
     config.target.embedded_variant = ""  # configs/tiny_target.py's argument ("test": the seconds-long target)
     config.data.embedded = True
-    config.num_train_steps = 400
+    config.num_train_steps = 720
     config.batch_size = 8
     config.seq_len = 128
     config.log_every_steps = 10
-    config.eval_every_steps = 200
-    config.checkpoint_every_steps = 200
+    config.eval_every_steps = 240
+    config.checkpoint_every_steps = 240
     config.drafter.update(
         num_layers=2,
         hidden_size=128,
