@@ -17,11 +17,14 @@ new tokens, a 2-layer 64-wide drafter; one process, medians of interleaved repet
 | 4L w128 V512 (the old one) | 1.1M | 1,356 | 0.55 | 0.56 | 1.0 | 2.47 | 0.55 / 0.66 |
 | 12L w256 V4096 (this one) | 11.7M | 305 | 6.33 | 0.87 | 7.3 | 11.56 | 1.37 / 1.64 |
 | 12L w256 V4096, trained (main job) | 11.7M | 540 | 7.3 | 0.69 (128 wide) | 10.6 | 14.6 | 1.38 at τ 3.29 |
+| same, idle, decode changes (main job) | 11.7M | 1,022 | 3.5 | 0.2-0.4 (128 wide) | 9-17 | 6.3 | 1.74 at τ 3.69 |
 
 24 layers of width 256 (about 12 ms per token, a ratio near 14) compiled and trained too slowly to finish this
 measurement under that load, and pretraining them would take about twice this target's 15 minutes; so the ratio of
 16 the issue asked for is not reached on 2 cores within the job's budget. Verifying 2-5 tokens of the trained target
-costs ~1.6 decode steps (XLA:CPU's small GEMM vs its one-row GEMV), which caps the speedup at τ ÷ 1.6.
+costs ~1.4 decode steps (4.9 vs 3.5 ms inside the decode loop, profiled with jax.profiler: XLA:CPU's YNNPACK
+products for 5 rows cost about twice its one-row path per byte), which caps the speedup at about τ ÷ 1.4 before
+the prefill and the drafter.
 """
 
 import ml_collections

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtp import sharding as sharding_lib
 from mtp.data.chat import ChatTemplate, prompt_messages
-from mtp.decoding.engine import decode_loop, stop_token_array
+from mtp.decoding.engine import StaticGraph, decode_loop, stop_token_array
 from mtp.decoding.generate import padded_length
 from mtp.decoding.sampling import Sampling
 from mtp.gemma4.model import Gemma4
@@ -79,7 +79,7 @@ def answer(
         prompts_BL, lengths_B, row_ids_B = place(prompts_BL), place(lengths_B), place(row_ids_B)
     graph, state = nnx.split(target)
     result = decode_loop(
-        graph,
+        StaticGraph(graph),
         state,
         None,
         None,
