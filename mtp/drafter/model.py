@@ -18,7 +18,7 @@ from mtp.drafter.config import DrafterConfig
 from mtp.drafter.interface import DepthOutput, Draft, DrafterFamily, UnrollInputs, checkpointed, wide
 from mtp.gemma4.attention import attend
 from mtp.gemma4.config import SLIDING
-from mtp.gemma4.layers import RMSNorm, first_argmax, param, rope_inv_freq, rope_tables
+from mtp.gemma4.layers import RMSNorm, param, rope_inv_freq, rope_tables
 from mtp.gemma4.model import DecoderLayer, Gemma4, LayerKV
 from mtp.sharding import constrain_batch
 
@@ -215,7 +215,7 @@ class Drafter(DrafterFamily):
         """The tied head's argmax, or (centroid head) the argmax over the tokens of its top clusters, as
         ``masked_logits`` proposes them, from the full logits."""
         if self.centroids is None:
-            return first_argmax(logits_BTV)
+            return super().drafted_tokens(h_BTD, logits_BTV)
         batch, length, _ = h_BTD.shape
         _, top_BTJ = jax.lax.top_k(self.centroid_scores(h_BTD), self.config.centroid_intermediate_top_k)
         ids_BTM = self.token_ordering[...].reshape(self.config.num_centroids, -1)[top_BTJ].reshape(batch, length, -1)

@@ -126,11 +126,6 @@ def divergence_from(p_BTV: jax.Array, neg_entropy_BT: jax.Array, student_logits:
     return 1.0 - jnp.sum(jnp.minimum(p_BTV, jax.nn.softmax(student_logits.astype(jnp.float32), axis=-1)), axis=-1)
 
 
-def drafted_tokens(drafter: DrafterFamily, h_BTD: jax.Array, logits_BTV: jax.Array) -> jax.Array:
-    """The greedy draft of the head the drafter drafts with, from its full logits (``drafted_tokens``)."""
-    return drafter.drafted_tokens(h_BTD, logits_BTV)
-
-
 def centroid_head_loss(
     drafter: DrafterFamily,
     h_BTD: jax.Array,
@@ -182,7 +177,7 @@ def chunked_depth_loss(
         student = student_logits(drafter, student_h, student_VE)
         loss = divergence(teacher, student, config.divergence)
         top = first_argmax(teacher)
-        agree = top == drafted_tokens(drafter, student_h, student)
+        agree = top == drafter.drafted_tokens(student_h, student)
         extra = centroid_head_loss(drafter, student_h, teacher, mask, top)
         mask = mask.astype(jnp.float32)
         sums = (jnp.sum(loss * mask), jnp.sum(agree * mask), extra[0], extra[1])
@@ -246,7 +241,7 @@ def whole_sequence_depth_loss(
         mask = shift(mask_PBT[j], -j, False)
         student = student_logits(drafter, student_h, student_VE)
         loss = divergence_from(p_BTV, neg_entropy_BT, student, config.divergence)
-        agree = top_BT == drafted_tokens(drafter, student_h, student)
+        agree = top_BT == drafter.drafted_tokens(student_h, student)
         extra = centroid_head_loss(drafter, student_h, teacher_BTV, mask, top_BT)
         mask = mask.astype(jnp.float32)
         sums.append((jnp.sum(loss * mask), jnp.sum(agree * mask), extra[0], extra[1]))

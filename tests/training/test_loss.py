@@ -17,7 +17,6 @@ from mtp.training.loss import (
     LossConfig,
     cross_entropy,
     distill_loss,
-    drafted_tokens,
     frozen_target,
     unroll,
 )
@@ -160,7 +159,7 @@ def test_the_loss_is_the_decayed_mean_of_the_per_depth_divergences(target):
                 target.logits(d.teacher_hidden_BTD),
                 d.valid_BT,
                 jnp.argmax(drafter.logits(d.features.normed), axis=-1),
-                drafted_tokens(drafter, d.features.normed, drafter.full_logits(d.features.normed)),
+                drafter.drafted_tokens(d.features.normed, drafter.full_logits(d.features.normed)),
             )
             for d in depths
         ]
