@@ -179,10 +179,12 @@ def decode_loop(
     sampling: Sampling,
     dtype: jnp.dtype,
     prefill_chunk: int | None = None,
+    head_DV: jax.Array | None = None,
 ) -> DecodeResult:
     """Decodes a batch of right-padded prompts; the graphs are ``StaticGraph``s (``mtp.decoding.generate.Decoder``
     makes them once). ``prefill_chunk`` (static): prefill the prompts in chunks of this many tokens, as many as the
-    longest prompt needs, instead of in one pass over the padded length."""
+    longest prompt needs, instead of in one pass over the padded length. ``head_DV``: the target's tied table
+    transposed, for the verification logits (``Gemma4.logits``); plain decoding's one-row logits ignore it."""
     target = nnx.merge(target_graph.graphdef, target_state)
     drafter = nnx.merge(drafter_graph.graphdef, drafter_state) if draft_len else None
     batch, prompt_len = prompts_BL.shape
@@ -247,8 +249,11 @@ def decode_loop(
         else:
             drafts_BP = jnp.zeros((batch, 0), jnp.int32)
         chunk_BT = jnp.concatenate([s.last_token[:, None], drafts_BP], axis=1)
-        out, cache = target(chunk_BT, s.cache, feature_layers=layers, dtype=dtype)
-        logits_BTV = out.logits.astype(jnp.float32)
+        verify_head = head_DV if draft_len else None
+        out, cache = target(chunk_BT, s.cache, feature_layers=layers, dtype=dtype, return_logits=verify_head is None)
+        logits_BTV = (out.logits if verify_head is None else target.logits(out.hidden, head_DV=verify_head)).astype(
+            jnp.float32
+        )
         if sampling.greedy:
             accepted_B, tokens_BT = sampling_lib.verify_greedy(logits_BTV, drafts_BP)
         else:

@@ -8,7 +8,7 @@ from flax import nnx
 
 from mtp.decoding import engine
 from mtp.decoding.engine import round_counts, stop_token_array
-from mtp.decoding.generate import GREEDY, DecodeInputError, generate, summarize
+from mtp.decoding.generate import GREEDY, DecodeInputError, Decoder, generate, summarize
 from mtp.gemma4.config import FULL, SLIDING, Gemma4Config
 from mtp.gemma4.model import Gemma4
 from tests import hf_oracle
@@ -73,6 +73,26 @@ def test_greedy_speculative_equals_greedy_autoregressive(target_pair, batch, mak
         if make_drafter is copy_drafter and draft_len in (3, 4):
             assert max(accepted) >= 1, "the copying drafter should get drafts accepted"
             assert min(accepted) < draft_len, "and some rejected, so every acceptance path runs"
+
+
+def test_the_transposed_verification_head_changes_nothing(oracle_target):
+    """On CPU a Decoder keeps the tied table transposed for the verification logits; with or without it the logits
+    agree and the speculative loop gives the same tokens and the same acceptance."""
+    _, _, target = oracle_target("dense")
+    hidden_BTD = jax.random.normal(jax.random.key(0), (2, 5, target.config.hidden_size))
+    embed_VD = target.embed[...]
+    np.testing.assert_allclose(
+        target.logits(hidden_BTD, head_DV=embed_VD.T), target.logits(hidden_BTD), rtol=1e-5, atol=1e-5
+    )
+    drafter, prompts = copy_drafter(target), prompts_of(4, seed=3)
+    kwargs = dict(draft_len=3, max_new_tokens=MAX_NEW, stop_tokens=())
+    transposed = Decoder(target, drafter)
+    assert transposed._head_DV is not None and transposed._head_DV.shape == embed_VD.shape[::-1]
+    plain_head = Decoder(target, drafter, transposed_head=False)
+    assert plain_head._head_DV is None
+    for a, b in zip(transposed.generate(prompts, **kwargs)[0], plain_head.generate(prompts, **kwargs)[0], strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.accepted_per_round == b.accepted_per_round
 
 
 def test_stop_tokens_end_each_row_on_its_own(target_pair):

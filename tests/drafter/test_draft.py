@@ -69,7 +69,8 @@ def test_greedy_draft_matches_transformers_loop(kind, ordered, targets, assistan
     )
     np.testing.assert_array_equal(np.asarray(got.tokens_BP), want_tokens, err_msg=kind)
     assert got.logits_BPV.shape == (2, STEPS, hf_oracle.VOCAB)
-    np.testing.assert_allclose(np.asarray(got.logits_BPV), want_logits, atol=5e-5, rtol=0, err_msg=kind)
+    # float32 summation order (XLA's products vs torch's) compounds over the recurrent steps: up to 6e-5 at step 3.
+    np.testing.assert_allclose(np.asarray(got.logits_BPV), want_logits, atol=1e-4, rtol=0, err_msg=kind)
 
 
 def test_draft_from_target_cache_ignores_uncommitted_entries(targets, assistants):
