@@ -34,14 +34,14 @@ log = logging.getLogger(__name__)
 
 
 def prompts_of(rows: Sequence, max_prompts: int = 0) -> list[list[dict]]:
-    """Each conversation up to (not including) its last model turn; plain-text rows have no prompt."""
-    prompts = []
-    for row in rows:
-        if (messages := prompt_messages(row)) is None:
-            continue
-        prompts.append(messages)
-        if max_prompts and len(prompts) == max_prompts:
-            break
+    """Each conversation up to (not including) its last model turn; plain-text rows have no prompt.
+
+    ``max_prompts``: at most this many, evenly spread over the data set (in order), so a file sorted by kind, as
+    the embedded corpus is, keeps every kind in proportion.
+    """
+    prompts = [messages for row in rows if (messages := prompt_messages(row)) is not None]
+    if max_prompts and len(prompts) > max_prompts:
+        prompts = [prompts[i * len(prompts) // max_prompts] for i in range(max_prompts)]
     return prompts
 
 

@@ -87,20 +87,25 @@ def data_rows(
     if sd.enabled:
         from mtp.data.self_distill import regenerate
 
-        kwargs = dict(
-            temperature=sd.temperature,
-            max_new_tokens=sd.max_new_tokens,
-            batch_size=sd.batch_size,
-            max_prompts=sd.max_prompts,
-            seed=config.seed,
-            mesh=mesh,
-        )
-        train = load_rows(
-            [str(regenerate(target, template, train, workdir / "self_distill" / "train.jsonl", **kwargs))]
-        )
-        held_out = load_rows(
-            [str(regenerate(target, template, held_out, workdir / "self_distill" / "eval.jsonl", **kwargs))]
-        )
+        def regenerated(rows, name: str, max_prompts: int):
+            path = regenerate(
+                target,
+                template,
+                rows,
+                workdir / "self_distill" / name,
+                temperature=sd.temperature,
+                max_new_tokens=sd.max_new_tokens,
+                batch_size=sd.batch_size,
+                max_prompts=max_prompts,
+                seed=config.seed,
+                mesh=mesh,
+            )
+            return load_rows([str(path)])
+
+        # A prompt budget caps the held-out set in the same proportion: it only feeds the training-time eval loss.
+        held_out_prompts = -(-sd.max_prompts * len(held_out) // max(len(train), 1)) if sd.max_prompts else 0
+        train = regenerated(train, "train.jsonl", sd.max_prompts)
+        held_out = regenerated(held_out, "eval.jsonl", held_out_prompts)
     return train, held_out
 
 

@@ -50,3 +50,16 @@ def test_the_target_answers_its_prompts_and_the_pipeline_reads_its_ids(embedded_
     mtime = os.stat(path).st_mtime_ns
     regenerate(target, template, rows, path, max_new_tokens=16, batch_size=4, mesh=mesh)
     assert os.stat(path).st_mtime_ns == mtime, "a finished data set is reused, not regenerated"
+
+
+def test_a_prompt_budget_is_spread_over_the_data_set():
+    """``max_prompts`` takes evenly spaced conversations in order, so a file sorted by kind keeps every kind."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"{kind} {i}"}, {"role": "model", "content": "a"}]}
+        for kind, count in (("docs", 6), ("code", 18))
+        for i in range(count)
+    ]
+    rows.insert(3, {"text": "plain text has no prompt"})
+    picked = [p[0]["content"] for p in prompts_of(rows, max_prompts=8)]
+    assert picked == ["docs 0", "docs 3", "code 0", "code 3", "code 6", "code 9", "code 12", "code 15"]
+    assert len(prompts_of(rows)) == len(prompts_of(rows, max_prompts=100)) == 24
