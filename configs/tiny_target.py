@@ -18,6 +18,7 @@ new tokens, a 2-layer 64-wide drafter; one process, medians of interleaved repet
 | 12L w256 V4096 (this one) | 11.7M | 305 | 6.33 | 0.87 | 7.3 | 11.56 | 1.37 / 1.64 |
 | 12L w256 V4096, trained (main job) | 11.7M | 540 | 7.3 | 0.69 (128 wide) | 10.6 | 14.6 | 1.38 at τ 3.29 |
 | same, idle, decode changes (main job) | 11.7M | 1,022 | 3.5 | 0.2-0.4 (128 wide) | 9-17 | 6.3 | 1.74 at τ 3.69 |
+| same, self-distilled drafter (main job) | 11.7M | 1,015 | 3.8 | 0.2-0.4 | 10-19 | 6.4-7.0 | 1.87 at τ 3.73 |
 
 24 layers of width 256 (about 12 ms per token, a ratio near 14) compiled and trained too slowly to finish this
 measurement under that load, and pretraining them would take about twice this target's 15 minutes; so the ratio of
