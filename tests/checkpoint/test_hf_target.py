@@ -4,7 +4,7 @@ Equality. The same weights through the same code give bit-identical logits, so e
 sharding, config form) must reproduce the plain causal_lm single-file load exactly. Against transformers, and
 wherever a different XLA program computes the logits (a sharded forward sums in another order: measured up to
 3e-5 apart), results are float32 kernel noise and pass by ``assert_float32_close`` (tests/gemma4/test_oracle.py):
-no further from the exact float64 answer than twice transformers' own float32 error. That also covers bf16 files
+no further from the exact float64 answer than 2.5 times transformers' own float32 error. That also covers bf16 files
 computed in float32, where a flat 1e-5 would fail on kernel noise alone (dense: 3.7e-5, as with f32 weights).
 """
 
