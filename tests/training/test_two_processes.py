@@ -30,6 +30,9 @@ def two_process_config():
 
     config = tiny.get_config("test")
     config.update(num_train_steps=4, log_every_steps=1, eval_every_steps=4, checkpoint_every_steps=2, eval_batches=1)
+    # Trained on the corpus: this test self-distills on its own (``self_distill``) and compares that file; answers
+    # decoded under the workers' and this process's compiler settings could differ on a near-tie of the test target.
+    config.data.self_distill.enabled = False
     config.drafter.num_layers = 1
     config.loss.depth = 2
     config.mesh.update(data=1, fsdp=4, tensor=1)
