@@ -184,7 +184,7 @@ def decode_loop(
     """Decodes a batch of right-padded prompts; the graphs are ``StaticGraph``s (``mtp.decoding.generate.Decoder``
     makes them once). ``prefill_chunk`` (static): prefill the prompts in chunks of this many tokens, as many as the
     longest prompt needs, instead of in one pass over the padded length. ``head_DV``: the target's tied table
-    transposed, for the verification logits (``Gemma4.logits``); plain decoding's one-row logits ignore it."""
+    transposed, for the verification logits (``Gemma4.logits``; the Decoder passes it only with a drafter)."""
     target = nnx.merge(target_graph.graphdef, target_state)
     drafter = nnx.merge(drafter_graph.graphdef, drafter_state) if draft_len else None
     batch, prompt_len = prompts_BL.shape
@@ -249,11 +249,8 @@ def decode_loop(
         else:
             drafts_BP = jnp.zeros((batch, 0), jnp.int32)
         chunk_BT = jnp.concatenate([s.last_token[:, None], drafts_BP], axis=1)
-        verify_head = head_DV if draft_len else None
-        out, cache = target(chunk_BT, s.cache, feature_layers=layers, dtype=dtype, return_logits=verify_head is None)
-        logits_BTV = (out.logits if verify_head is None else target.logits(out.hidden, head_DV=verify_head)).astype(
-            jnp.float32
-        )
+        out, cache = target(chunk_BT, s.cache, feature_layers=layers, dtype=dtype, return_logits=head_DV is None)
+        logits_BTV = (out.logits if head_DV is None else target.logits(out.hidden, head_DV=head_DV)).astype(jnp.float32)
         if sampling.greedy:
             accepted_B, tokens_BT = sampling_lib.verify_greedy(logits_BTV, drafts_BP)
         else:
