@@ -17,6 +17,7 @@ from mtp import sharding as sharding_lib
 from mtp.checkpoint import load_target
 from mtp.data.self_distill import regenerate
 from mtp.training import setup, trainer
+from tests.conftest import XLA_FLAGS
 
 pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).parents[2]
@@ -64,9 +65,9 @@ def start_two_processes(
     (resuming); the resumed run's compilations come from the shared compilation cache. Each process's stderr goes
     to a file (a pipe nobody reads until both are done could fill and stall it)."""
     env = os.environ | {
-        # LLVM's cheapest code generation: a quarter less time compiling; results move by ulps (~1e-7), far inside
-        # the tolerances below.
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+        # The suite's cheap code generation (tests/conftest.py); results move by ulps (~1e-7), far inside the
+        # tolerances below.
+        "XLA_FLAGS": XLA_FLAGS.replace("device_count=8", "device_count=2"),
         "OMP_NUM_THREADS": "1",
         "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
