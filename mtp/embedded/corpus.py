@@ -16,6 +16,7 @@ different vocabulary on each run. ``TOKENIZER_ASSET`` is the older 512-id tokeni
 from __future__ import annotations
 
 import ast
+import collections
 import copy
 import dataclasses
 import importlib
@@ -263,6 +264,20 @@ def _source_files() -> list[tuple[str, pathlib.Path]]:
     return files
 
 
+_STATEMENT_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
+
+
+def _statements(tree: ast.Module) -> Iterator[ast.AST]:
+    """``ast.walk``'s nodes (breadth first, in its order) without the expressions, which hold no statements: the
+    functions in half the time."""
+    queue = collections.deque([tree])
+    while queue:
+        node = queue.popleft()
+        for field in _STATEMENT_FIELDS:
+            queue.extend(getattr(node, field, ()))
+        yield node
+
+
 def _code_conversations(relative: str, path: pathlib.Path) -> Iterator[list[dict[str, str]]]:
     """Per function of sane length: its first third (at least the signature) asked for, the rest answered."""
     source = path.read_text(encoding="utf-8", errors="replace")
@@ -272,7 +287,7 @@ def _code_conversations(relative: str, path: pathlib.Path) -> Iterator[list[dict
         return
     lines = source.splitlines()
     low, high = FUNCTION_LINES
-    for node in ast.walk(tree):
+    for node in _statements(tree):
         if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
         count = node.end_lineno - node.lineno + 1

@@ -27,7 +27,8 @@ def test_the_split_is_by_source_file_and_disjoint(embedded_paths):
     train_sources, held_out_sources = {r["source"] for r in train}, {r["source"] for r in held_out}
     assert not train_sources & held_out_sources  # held-out prompts come from files the target never saw
     assert {s for s in held_out_sources if s.endswith(".py")} and {s for s in held_out_sources if "." not in s}
-    assert not [row for row in held_out if row in train]
+    train_rows = {json.dumps(row, sort_keys=True) for row in train}
+    assert not [row for row in held_out if json.dumps(row, sort_keys=True) in train_rows]
 
 
 def test_ensure_is_idempotent(embedded_paths):
