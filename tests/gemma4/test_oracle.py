@@ -6,8 +6,8 @@ different orders; on these random fixtures the error grows ~2x per layer from ~3
 transformers' *own* float32 logits are up to 1.6e-4 away from the float64 answer. So a float32 result passes
 when it is no further from the exact float64 answer than 2.5 times transformers' own float32 error (floor 1e-5).
 Measured: ours is 0.3-2.1x transformers' float32 error over every kind and path. The float32 comparisons compile
-as users' programs do, at XLA's default backend optimisation level (the rest of the suite turns it off to compile
-faster, see tests/conftest.py; that code rounds differently, by up to 1.02x the bound on moe_like).
+as users' programs do, with XLA's default code generation (the rest of the suite, float64 here included, compiles
+cheaper code, see tests/conftest.py; in float32 that code rounds differently, by up to 1.02x the bound on moe_like).
 """
 
 import contextlib
