@@ -2,6 +2,7 @@
 fixtures: the embedded corpus, the tiny test target, and one finished run of configs/tiny.py:test."""
 
 import functools
+import gc
 import os
 
 import pytest
@@ -26,6 +27,10 @@ USER_CODEGEN = {
 os.environ.setdefault("XLA_FLAGS", XLA_FLAGS)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Python's cyclic garbage collector, at its default thresholds, walks the suite's ever larger heap (jaxprs, compiled
+# programs, torch models) about 5,400 times per 100 s of tests: 9.3 s of 97 s in tests/decoding/test_engine.py and
+# test_lossless.py. Collecting after 50,000 new objects instead of 700 leaves 2.7 s, at the same peak memory.
+gc.set_threshold(50_000, 20, 100)
 
 
 def pytest_collection_finish(session):
