@@ -23,7 +23,7 @@ from mtp.checkpoint.hf_target import load_target
 from mtp.gemma4.cache import KVCache
 from mtp.gemma4.config import FULL, SLIDING
 from tests import hf_oracle
-from tests.conftest import USER_CODEGEN
+from tests.codegen import USER_CODEGEN
 
 F64_ATOL = 1e-6
 F32_FLOOR = 1e-5

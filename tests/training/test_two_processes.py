@@ -17,7 +17,7 @@ from mtp import sharding as sharding_lib
 from mtp.checkpoint import load_target
 from mtp.data.self_distill import regenerate
 from mtp.training import setup, trainer
-from tests.conftest import XLA_FLAGS
+from tests.codegen import XLA_FLAGS
 
 pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).parents[2]
