@@ -7,6 +7,7 @@ import atexit
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ BUDGET_GIB = {"gemma4_e2b": 24, "gemma4_e4b": 24, "gemma4_26b_a4b": 40, "gemma4_
 TIMEOUT_SECONDS = 600
 
 _started: dict[str, "DryRun"] = {}
+_workdirs: list[str] = []
 
 
 class DryRun:
@@ -59,6 +61,7 @@ def start(names: Iterable[str] = BUDGET_GIB) -> dict[str, DryRun]:
     if not _started:
         _started.update({name: DryRun(name) for name in sorted(names)})
         workdir = tempfile.mkdtemp(prefix="mtp_dry_run_")
+        _workdirs.append(workdir)
 
         def run_all():
             for dry_run in _started.values():
@@ -68,10 +71,13 @@ def start(names: Iterable[str] = BUDGET_GIB) -> dict[str, DryRun]:
     return _started
 
 
-def _stop_children() -> None:  # an interrupted session leaves no compiling process behind
+def _stop_children() -> None:  # an interrupted session leaves no compiling process and no workdir behind
     for dry_run in _started.values():
         if dry_run.process is not None and dry_run.process.poll() is None:
             dry_run.process.kill()
+            dry_run.process.wait()
+    for workdir in _workdirs:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 atexit.register(_stop_children)
