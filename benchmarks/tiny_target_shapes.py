@@ -30,8 +30,11 @@ from configs import tiny, tiny_target
 from mtp.decoding.generate import generate
 from mtp.drafter.model import Drafter
 from mtp.embedded import target as tt
+from mtp.sharding import make_mesh, state_shardings
+from mtp.training.objectives import NextToken
 from mtp.training.setup import drafter_config_for
-from mtp.training.state import make_optimizer
+from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_trainable
+from mtp.training.step import jit_train_step
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 ROW = "| {} | {:.1f}M | {:.2f}M | {:.0f} | {:.2f} | {:.2f} | {:.2f} | {:.2f} | {:.1f} | {:.2f} | {:.2f} |"
@@ -65,19 +68,35 @@ def target_config(layers, width, mlp, heads, vocab) -> ml_collections.ConfigDict
 
 
 def train_tokens_per_second(config, steps: int = 3) -> float:
-    model = tt.init_model(config)
-    optimizer = nnx.Optimizer(model, make_optimizer(config)[0], wrt=nnx.Param)
+    """The trainer's jitted step for the target's pretraining objective (what ``ensure_tiny_target`` runs)."""
+    mesh = make_mesh(config.mesh.to_dict())
+    graph, params, extra = split_trainable(tt.init_model(config))
+    tx, schedule = make_optimizer(config)
+    state, state_sh = init_state(params, extra, tx, mesh)
+    frozen = nnx.State({})
+    step = jit_train_step(
+        state_sh,
+        state_shardings(frozen, mesh),
+        batch_sharding(mesh),
+        replicated(mesh),
+        graph=graph,
+        objective=NextToken(),
+        tx=tx,
+        schedule=schedule,
+    )
     rng = np.random.default_rng(0)
     batch = {
         "tokens": jnp.asarray(rng.integers(110, config.model.vocab_size, (16, 128)), jnp.int32),
         "positions": jnp.tile(jnp.arange(128, dtype=jnp.int32), (16, 1)),
         "segment_ids": jnp.ones((16, 128), jnp.int32),
+        "loss_mask": jnp.ones((16, 128), jnp.int32),
     }
-    tt.train_step(model, optimizer, batch).block_until_ready()
+    state, metrics = step(state, frozen, batch)
+    metrics["loss"].block_until_ready()
     start = time.perf_counter()
     for _ in range(steps):
-        loss = tt.train_step(model, optimizer, batch)
-    loss.block_until_ready()
+        state, metrics = step(state, frozen, batch)
+    metrics["loss"].block_until_ready()
     return steps * 16 * 128 / (time.perf_counter() - start)
 
 

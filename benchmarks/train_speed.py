@@ -42,7 +42,8 @@ from mtp.gemma4.model import Gemma4
 from mtp.training import setup
 from mtp.training.config import loss_config
 from mtp.training.loss import frozen_target, unroll
-from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_drafter
+from mtp.training.objectives import Distillation
+from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_trainable
 from mtp.training.step import jit_train_step
 
 
@@ -99,7 +100,7 @@ def main():
     batch = jax.device_put(host_batch, batch_sharding(mesh))
 
     target_graph, target_state = nnx.split(target)
-    drafter_graph, params, extra = split_drafter(drafter)
+    drafter_graph, params, extra = split_trainable(drafter)
     tx, schedule = make_optimizer(config)
     target_sh = sharding_lib.state_shardings(target_state, mesh)
     losses = {"teacher once": loss_config(config)}
@@ -115,10 +116,8 @@ def main():
             replicated(mesh),
             tx=tx,
             schedule=schedule,
-            target_graph=target_graph,
-            drafter_graph=drafter_graph,
-            loss_config=loss,
-            dtype=jnp.float32,
+            graph=drafter_graph,
+            objective=Distillation(target_graph, loss, jnp.float32),
         )
 
     @jax.jit

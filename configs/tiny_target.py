@@ -2,11 +2,12 @@
 
     python -m mtp.embedded.target --config configs/tiny_target.py --workdir /tmp/mtp_cache
 
-Writes a Gemma4ForCausalLM directory (config.json, model.safetensors, tokenizer.json, manifest.json) to
-WORKDIR/tiny_target, once; ``configs/tiny.py`` gets it this way (in $MTP_CACHE or ~/.cache/mtp). Its tokenizer is
-the embedded byte-level BPE of 4,096 ids (Gemma 4's control ids, trained on the corpus, shipped as an asset). The
-held-out loss and perplexity are logged and kept in manifest.json. ``:test`` is the seconds-long variant the tests
-run.
+Pretrains it with the trainer that distills drafters (``mtp.training.trainer.fit``, objective ``NextToken``;
+checkpoints in WORKDIR/.tiny_target.training, so a killed build resumes) and writes a Gemma4ForCausalLM directory
+(config.json, model.safetensors, tokenizer.json, manifest.json) to WORKDIR/tiny_target, once; ``configs/tiny.py``
+gets it this way (in $MTP_CACHE or ~/.cache/mtp). Its tokenizer is the embedded byte-level BPE of 4,096 ids (Gemma
+4's control ids, trained on the corpus, shipped as an asset). The held-out loss and perplexity are logged and kept
+in manifest.json. ``:test`` is the seconds-long variant the tests run.
 
 The shape was chosen by measurement (``benchmarks/tiny_target_shapes.py``: random weights, batch 1, greedy, 64
 new tokens, a 2-layer 64-wide drafter; one process, medians of interleaved repetitions, on a 2-core CPU under load
@@ -40,7 +41,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 16
     config.seq_len = 128
     config.log_every_steps = 10
+    config.eval_every_steps = 240  # the held-out loss at the start and at the end
     config.eval_batches = 16  # 16 x 16 x 128 tokens of the held-out split
+    # The trainer's other settings (mtp.training.trainer.fit, the loop that distills drafters): a killed build
+    # resumes from its last checkpoint; one device, whatever the machine simulates; nothing logged to W&B.
+    config.checkpoint_every_steps = 40
+    config.keep_checkpoints = 1
+    config.compute_dtype = "float32"
+    config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+    config.wandb = ml_collections.ConfigDict({"mode": "disabled", "project": "", "group": "", "name": "", "tags": ()})
     # A real Gemma 4 shape in miniature (fields of mtp.gemma4.Gemma4Config): 5 sliding layers to 1 global.
     config.model = ml_collections.ConfigDict(
         {
@@ -71,7 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         }
     )
     if arg == "test":
-        config.update(num_train_steps=20, batch_size=4, seq_len=64, log_every_steps=5, eval_batches=2)
+        config.update(
+            num_train_steps=20, batch_size=4, seq_len=64, log_every_steps=5, eval_every_steps=20, eval_batches=2
+        )
+        config.checkpoint_every_steps = 10
         config.model.update(
             hidden_size=64,
             intermediate_size=128,

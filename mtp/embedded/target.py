@@ -1,10 +1,12 @@
 """The embedded default target: a tiny Gemma 4 causal LM pretrained on the embedded corpus, built once per machine.
 
-``ensure_tiny_target(root)`` trains it (next-token cross-entropy on every token of the packed conversations: this
-is the target's pretraining, not chat fine-tuning) and exports a Hugging Face ``Gemma4ForCausalLM`` directory
-``root/tiny_target`` with the tiny tokenizer beside it. The manifest is written last and records the settings, so
-a later call with the same settings returns at once and changed settings retrain. Hyper-parameters and training
-settings come from ``configs/tiny_target.py``.
+``ensure_tiny_target(root)`` trains it with the trainer that distills drafters (``mtp.training.trainer.fit``, the
+``NextToken`` objective: cross-entropy on every token of the packed conversations; this is the target's
+pretraining, not chat fine-tuning) and exports a Hugging Face ``Gemma4ForCausalLM`` directory ``root/tiny_target``
+with the tiny tokenizer beside it. The build checkpoints as it goes (``root/.tiny_target.training``), so a killed
+build resumes. The manifest is written last and records the settings, so a later call with the same settings
+returns at once and changed settings retrain. Hyper-parameters and training settings come from
+``configs/tiny_target.py``.
 
     python -m mtp.embedded.target --config configs/tiny_target.py --workdir DIR
 """
@@ -12,6 +14,7 @@ settings come from ``configs/tiny_target.py``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -27,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 from flax import nnx
 
 from mtp.checkpoint.hf_export import config_to_hf, save_target
@@ -37,17 +39,20 @@ from mtp.data.sources import load_rows
 from mtp.data.tokenizer import load_tokenizer
 from mtp.embedded.corpus import EMBEDDED_TOKENIZER_ASSET, ensure_embedded_dataset
 from mtp.embedded.corpus import VERSION as CORPUS_VERSION
+from mtp.errors import UserError
 from mtp.gemma4.config import Gemma4Config
 from mtp.gemma4.model import Gemma4
-from mtp.training.state import make_optimizer
+from mtp.training.checkpoints import check_workdir, workdir_path
+from mtp.training.objectives import NextToken
+from mtp.training.trainer import fit, make_mesh
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # bump when the recipe changes in a way the config does not show, so cached targets are rebuilt
+VERSION = 3  # bump when the recipe changes in a way the config does not show, so cached targets are rebuilt
 DIRECTORY = "tiny_target"
 MANIFEST = "manifest.json"
+RECIPE = "recipe.json"  # in the build's training workdir: the settings its checkpoints were made with
 CONFIG_FILE = pathlib.Path(__file__).resolve().parents[2] / "configs" / "tiny_target.py"
-Batch = dict[str, jax.Array]
 
 
 def default_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -71,45 +76,17 @@ def init_model(config: ml_collections.ConfigDict) -> Gemma4:
     return model
 
 
-def token_losses(model: Gemma4, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy over every token that continues its own document, and how many there are."""
-    out, _ = model(batch["tokens"], positions_BT=batch["positions"], segments_BT=batch["segment_ids"])
-    logits_BTV = out.logits[:, :-1]
-    segments_BT = batch["segment_ids"]
-    # A target in the same (real) document as its context: never a document's <bos>, never padding.
-    mask_BT = (segments_BT[:, 1:] == segments_BT[:, :-1]) & (segments_BT[:, 1:] > 0)
-    log_probs_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-    nll_BT = -jnp.take_along_axis(log_probs_BTV, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
-
-
-@nnx.jit
-def train_step(model: Gemma4, optimizer: nnx.Optimizer, batch: Batch) -> jax.Array:
-    def loss_fn(model):
-        total, count = token_losses(model, batch)
-        return total / jnp.maximum(count, 1)
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
-
-
-@nnx.jit
-def eval_step(model: Gemma4, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    return token_losses(model, batch)
-
-
-def evaluate(model: Gemma4, batches: list[dict[str, np.ndarray]]) -> float:
-    """Mean held-out loss per token (nats)."""
-    total, count = 0.0, 0
-    for batch in batches:
-        loss, n = eval_step(model, {k: jnp.asarray(v) for k, v in batch.items()})
-        total, count = total + float(loss), count + int(n)
-    return total / max(count, 1)
-
-
-def train(config: ml_collections.ConfigDict, data_root: pathlib.Path, *, progress: bool = True) -> tuple[Gemma4, dict]:
-    """The trained model and what happened: losses, eval loss before and after, seconds."""
+def train(
+    config: ml_collections.ConfigDict, data_root: pathlib.Path, workdir: pathlib.Path, *, progress: bool = True
+) -> tuple[Gemma4, dict]:
+    """The trained model and what happened (held-out loss before and after, the logged training losses, seconds),
+    pretrained by the trainer (``mtp.training.trainer.fit``) in ``workdir``, which resumes an interrupted run."""
+    if jax.process_count() > 1:
+        raise UserError(
+            f"the embedded tiny target is not built yet in {data_root.parent}, and this job runs "
+            f"{jax.process_count()} processes: build it once in one process first, "
+            f"python -m mtp.embedded.target --workdir {data_root.parent}"
+        )
     paths = ensure_embedded_dataset(data_root)
     template = ChatTemplate(load_tokenizer(paths.tokenizer))
     if template.tokenizer.get_vocab_size() > config.model.vocab_size:
@@ -118,62 +95,52 @@ def train(config: ml_collections.ConfigDict, data_root: pathlib.Path, *, progres
             f"vocab_size={config.model.vocab_size}."
         )
     pipeline = PipelineConfig(seq_len=config.seq_len, global_batch_size=config.batch_size, seed=config.seed)
-    one_process = {"process_index": 0, "process_count": 1}  # the same model however many processes ask for it
-    eval_batches = make_eval_batches(
-        load_rows(str(paths.eval)), template, pipeline, num_batches=config.eval_batches, **one_process
-    )
-    model = init_model(config)
-    tx, _ = make_optimizer(config)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    history = {"initial_eval_loss": evaluate(model, eval_batches), "train_loss": {}}
+    eval_batches = make_eval_batches(load_rows(str(paths.eval)), template, pipeline, num_batches=config.eval_batches)
     log.info(
-        "tiny target: %d steps of %d x %d tokens; eval loss at init %.3f (ln V = %.3f)",
+        "tiny target: %d steps of %d x %d tokens (ln V = %.3f nats at init)",
         config.num_train_steps,
         config.batch_size,
         config.seq_len,
-        history["initial_eval_loss"],
         math.log(config.model.vocab_size),
     )
-    iterator = make_train_iterator(load_rows(str(paths.train)), template, pipeline, **one_process)
-    bar = tqdm.tqdm(total=config.num_train_steps, desc="target", disable=not progress, dynamic_ncols=True)
-    start, window = time.perf_counter(), []
-    try:
-        for step in range(1, config.num_train_steps + 1):
-            batch = {k: jnp.asarray(v) for k, v in next(iterator).items()}
-            window.append(train_step(model, optimizer, batch))
-            bar.update()
-            if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                loss = float(np.mean(jax.device_get(window)))
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"tiny target: loss {loss} at step {step}.")
-                history["train_loss"][step] = loss
-                tokens_per_second = step * config.batch_size * config.seq_len / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_second:.0f}")
-                log.debug(
-                    "tiny target step %d/%d: loss %.3f (%.1f s)",
-                    step,
-                    config.num_train_steps,
-                    loss,
-                    time.perf_counter() - start,
-                )
-                window = []
-    finally:
-        bar.close()
-        iterator.close()
-    history["train_seconds"] = time.perf_counter() - start
-    history["train_tokens_per_second"] = (
-        config.num_train_steps * config.batch_size * config.seq_len / history["train_seconds"]
+    workdir = workdir_path(workdir)
+    check_workdir(workdir, config)
+    start = time.perf_counter()
+    graph, state, _ = fit(
+        config,
+        workdir,
+        init_model(config),
+        NextToken(jnp.dtype(config.compute_dtype)),
+        mesh=make_mesh(config),
+        train_iter=make_train_iterator(load_rows(str(paths.train)), template, pipeline),
+        eval_batches=eval_batches,
+        eval_at_start=True,
+        progress=progress,
+        name="target",
     )
-    history["eval_loss"] = evaluate(model, eval_batches)
-    history["eval_perplexity"] = math.exp(history["eval_loss"])
+    seconds = time.perf_counter() - start
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line]
+    train_loss = {r["step"]: r["loss"] for r in records if "loss" in r}
+    history = {
+        "initial_eval_loss": next(r["eval_loss"] for r in records if r["step"] == 0),
+        "train_loss": train_loss,
+        "eval_loss": records[-1]["eval_loss"],
+        "eval_perplexity": math.exp(records[-1]["eval_loss"]),
+        "train_tokens_per_second": float(np.median([r["tokens_per_second"] for r in records if "loss" in r])),
+        "train_seconds": seconds,
+    }
+    if not math.isfinite(history["eval_loss"]):
+        raise FloatingPointError(f"tiny target: held-out loss {history['eval_loss']} after training.")
     log.info(
-        "tiny target: held-out loss %.3f nats/token (perplexity %.1f) after %.0f s of training (%.0f tokens/s)",
+        "tiny target: held-out loss %.3f nats/token (perplexity %.1f; %.3f at init) after %.0f s (median %.0f "
+        "tokens/s)",
         history["eval_loss"],
         history["eval_perplexity"],
-        history["train_seconds"],
+        history["initial_eval_loss"],
+        seconds,
         history["train_tokens_per_second"],
     )
-    return model, history
+    return nnx.merge(graph, state.params, state.extra), history
 
 
 def _recipe(config: ml_collections.ConfigDict) -> dict:
@@ -215,24 +182,50 @@ def ensure_tiny_target(
     directory, recipe = root / (f"{DIRECTORY}_{name}" if name else DIRECTORY), _recipe(config)
     if _complete(directory, recipe):
         return directory
-    log.info("tiny target: none in %s for these settings; training one", directory)
-    model, history = train(config, root / "data", progress=progress)
     root.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(dir=root, prefix=f".{directory.name}."))
-    try:
-        save_target(model, staging)
-        shutil.copyfile(ensure_embedded_dataset(root / "data").tokenizer, staging / "tokenizer.json")
-        manifest = {"recipe": recipe, "hf_config": config_to_hf(model.config), **history}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # last: marks the model complete
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except OSError:
-        if not _complete(directory, recipe):  # a concurrent call may have put the same model there first
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with _locked(root):  # one builder at a time; the others then find it built
+        if _complete(directory, recipe):
+            return directory
+        workdir = root / f".{directory.name}.training"  # the trainer's checkpoints: a killed build resumes
+        if _recipe_of(workdir) != recipe:
+            shutil.rmtree(workdir, ignore_errors=True)  # left by other settings: they cannot be resumed
+            workdir.mkdir()
+            (workdir / RECIPE).write_text(json.dumps(recipe, indent=1) + "\n")
+        else:
+            log.info("tiny target: resuming the build in %s", workdir)
+        log.info("tiny target: none in %s for these settings; training one", directory)
+        model, history = train(config, root / "data", workdir, progress=progress)
+        staging = pathlib.Path(tempfile.mkdtemp(dir=root, prefix=f".{directory.name}."))
+        try:
+            save_target(model, staging)
+            shutil.copyfile(ensure_embedded_dataset(root / "data").tokenizer, staging / "tokenizer.json")
+            manifest = {"recipe": recipe, "hf_config": config_to_hf(model.config), **history}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # last: marks the model complete
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(workdir)
     return directory
+
+
+def _recipe_of(workdir: pathlib.Path) -> dict | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((workdir / RECIPE).read_text())
+    return None
+
+
+@contextlib.contextmanager
+def _locked(directory: pathlib.Path):
+    """An exclusive lock on ``directory`` for the block (released if the process dies): concurrent builds in one
+    cache wait for each other instead of training side by side."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 if __name__ == "__main__":

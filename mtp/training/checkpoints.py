@@ -63,7 +63,7 @@ def _identity(config: ml_collections.ConfigDict) -> dict:
         node = identity
         *parents, leaf = key.split(".")
         for parent in parents:
-            node = node[parent]
+            node = node.get(parent, {})  # a config without that section (the tiny target's has no data.*)
         node.pop(leaf, None)
     return identity
 

@@ -20,6 +20,7 @@ from mtp.drafter.model import Drafter
 from mtp.gemma4.config import PRESETS, Gemma4Config, config_from_hf
 from mtp.gemma4.model import Gemma4
 from mtp.training.config import loss_config
+from mtp.training.objectives import Distillation
 from mtp.training.setup import drafter_config_for
 from mtp.training.state import (
     TrainState,
@@ -27,7 +28,7 @@ from mtp.training.state import (
     batch_sharding,
     make_optimizer,
     replicated,
-    split_drafter,
+    split_trainable,
     state_shardings,
 )
 from mtp.training.step import jit_train_step
@@ -52,7 +53,7 @@ def compile_train_step(config: ml_collections.ConfigDict, target_config: Gemma4C
     """The train step of ``config`` for a target of ``target_config`` on ``mesh``, compiled for its memory analysis
     (with unoptimised machine code: not for running)."""
     target = nnx.eval_shape(lambda: Gemma4(target_config, rngs=nnx.Rngs(0)))
-    drafter_graph, params, extra = split_drafter(abstract_drafter(config, target))
+    drafter_graph, params, extra = split_trainable(abstract_drafter(config, target))
     target_graph, target_abstract = nnx.split(target)
     target_sh = sharding_lib.state_shardings(target_abstract, mesh)
     target_in = abstract_like(target_abstract, target_sh, jnp.dtype(config.target.dtype))
@@ -71,10 +72,8 @@ def compile_train_step(config: ml_collections.ConfigDict, target_config: Gemma4C
         replicated(mesh),
         tx=tx,
         schedule=schedule,
-        target_graph=target_graph,
-        drafter_graph=drafter_graph,
-        loss_config=loss_config(config),
-        dtype=jnp.dtype(config.compute_dtype),
+        graph=drafter_graph,
+        objective=Distillation(target_graph, loss_config(config), jnp.dtype(config.compute_dtype)),
     )
     return step.lower(abstract_like(abstract, state_sh), target_in, batch).compile(compiler_options=_ANALYSIS_ONLY)
 

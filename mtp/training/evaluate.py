@@ -33,7 +33,8 @@ from mtp.training.checkpoints import workdir_path
 from mtp.training.config import loss_config
 from mtp.training.loss import simulated_acceptance_length
 from mtp.training.metrics import is_remote, mean_metrics
-from mtp.training.state import TrainState, split_drafter
+from mtp.training.objectives import Distillation
+from mtp.training.state import TrainState, split_trainable
 from mtp.training.step import eval_step
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,14 @@ log = logging.getLogger(__name__)
 def held_out_agreement(config: ml_collections.ConfigDict, target, drafter, rows, template: ChatTemplate) -> dict:
     """Top-1 agreement per depth on the held-out batches, by the trainer's eval step, averaged over real tokens
     (a batch padded with empty rows weighs what its tokens weigh, not a whole batch of zeros)."""
-    graph, params, extra = split_drafter(drafter)
+    graph, params, extra = split_trainable(drafter)
     target_graph, target_state = nnx.split(target)
     state = TrainState(jnp.zeros((), jnp.int32), params, extra, ())
     step = jax.jit(
         functools.partial(
             eval_step,
-            target_graph=target_graph,
-            drafter_graph=graph,
-            loss_config=loss_config(config),
-            dtype=jnp.dtype(config.compute_dtype),
+            graph=graph,
+            objective=Distillation(target_graph, loss_config(config), jnp.dtype(config.compute_dtype)),
         )
     )
     batches = setup.eval_batches(config, rows, template)

@@ -52,6 +52,8 @@ class MetricsWriter:
         start_step: int,
         total: int,
         is_main: bool = True,
+        progress: bool = True,
+        name: str = "train",
     ):
         workdir = epath.Path(workdir)
         self.path = workdir / "metrics.jsonl"
@@ -61,7 +63,9 @@ class MetricsWriter:
         self.run = None
         if is_main and config.wandb.mode != "disabled":
             self.run = _init_wandb(workdir, config)
-        self.bar = tqdm.tqdm(total=total, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True)
+        self.bar = tqdm.tqdm(
+            total=total, initial=start_step, disable=not (is_main and progress), desc=name, dynamic_ncols=True
+        )
         if is_main:
             self._truncate_after(start_step)
 
@@ -84,8 +88,9 @@ class MetricsWriter:
                 f.write(line + "\n")
         if self.run is not None:
             self.run.log(_for_wandb(metrics), step=step)
-        if "loss" in metrics:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tau=f"{metrics['simulated_acceptance_length']:.2f}")
+        shown = {"loss": "loss", "simulated_acceptance_length": "tau"}
+        if postfix := {short: f"{metrics[key]:.4g}" for key, short in shown.items() if key in metrics}:
+            self.bar.set_postfix(postfix)
 
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)

@@ -1,4 +1,4 @@
-"""The train state (drafter parameters, optimizer state, step; never the target) and its sharding."""
+"""The train state (the trained module's parameters, optimizer state, step; never a frozen target) and its sharding."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class TrainState:
     """Everything that changes while training: checkpointed, donated to the step, sharded over the mesh."""
 
     step: jax.Array
-    params: nnx.State  # the drafter's nnx.Param leaves
+    params: nnx.State  # the trained module's nnx.Param leaves (a drafter's, or the tiny target's)
     extra: nnx.State  # its other variables (the centroid head's token ordering), not trained by gradient
     opt_state: optax.OptState
 
@@ -43,8 +43,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     return tx, schedule
 
 
-def split_drafter(drafter: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    return nnx.split(drafter, nnx.Param, ...)
+def split_trainable(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """The graph, the parameters (what the optimizer trains) and every other variable."""
+    return nnx.split(module, nnx.Param, ...)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

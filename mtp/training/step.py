@@ -1,4 +1,5 @@
-"""The jitted train and eval steps: the target runs frozen outside ``value_and_grad``; only the drafter learns."""
+"""The jitted train and eval steps of any objective (``mtp.training.objectives``): the frozen model's part runs
+outside ``value_and_grad``; only the trained module's parameters learn."""
 
 from __future__ import annotations
 
@@ -9,50 +10,27 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mtp.training.loss import LossConfig, distill_loss, frozen_target, simulated_acceptance_length
 from mtp.training.state import TrainState
 
 
-def step_metrics(loss: jax.Array, metrics: dict, batch: dict) -> dict:
-    return {
-        "loss": loss,
-        "top1_agreement": metrics["top1_agreement"],
-        "loss_per_depth": metrics["loss_per_depth"],
-        "centroid_coverage": metrics["centroid_coverage"],
-        "simulated_acceptance_length": simulated_acceptance_length(metrics["top1_agreement"]),
-        "trained_tokens": jnp.sum(batch["loss_mask"]),
-    }
-
-
-def feature_layers(drafter_graph: nnx.GraphDef, state: TrainState) -> tuple[int, ...]:
-    """The target layers the drafter reads (static: part of its config), for the target's one forward."""
-    return nnx.merge(drafter_graph, state.params, state.extra).feature_layers
-
-
-def loss_and_metrics(params, extra, drafter_graph, target, target_out, batch, loss_config, dtype):
-    drafter = nnx.merge(drafter_graph, params, extra)
-    return distill_loss(drafter, target, target_out, batch, loss_config, dtype)
+def _loss(params, extra, graph, objective, context, batch):
+    return objective.loss(nnx.merge(graph, params, extra), context, batch)
 
 
 def train_step(
     state: TrainState,
-    target_state: nnx.State,
+    frozen_state: nnx.State,
     batch: dict,
     *,
-    target_graph: nnx.GraphDef,
-    drafter_graph: nnx.GraphDef,
+    graph: nnx.GraphDef,
+    objective,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
-    loss_config: LossConfig,
-    dtype: jnp.dtype,
 ) -> tuple[TrainState, dict]:
-    """One optimizer step. ``target_state`` is an input only: never donated, differentiated or returned."""
-    target = nnx.merge(target_graph, target_state)
-    target_out = frozen_target(target, batch, dtype, feature_layers(drafter_graph, state))
-    grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
-    (loss, metrics), grads = grad_fn(
-        state.params, state.extra, drafter_graph, target, target_out, batch, loss_config, dtype
-    )
+    """One optimizer step. ``frozen_state`` is an input only: never donated, differentiated or returned."""
+    context = objective.context(frozen_state, batch, nnx.merge(graph, state.params, state.extra))
+    grad_fn = jax.value_and_grad(_loss, has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, state.extra, graph, objective, context, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
@@ -62,30 +40,13 @@ def train_step(
     params, opt_state = jax.tree.map(
         lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
     )
-    out = step_metrics(loss, metrics, batch) | {
-        "grad_norm": grad_norm,
-        "learning_rate": schedule(state.step),
-        "finite": finite,
-    }
+    out = metrics | {"grad_norm": grad_norm, "learning_rate": schedule(state.step), "finite": finite}
     return TrainState(state.step + 1, params, state.extra, opt_state), out
 
 
-def eval_step(
-    state: TrainState,
-    target_state: nnx.State,
-    batch: dict,
-    *,
-    target_graph: nnx.GraphDef,
-    drafter_graph: nnx.GraphDef,
-    loss_config: LossConfig,
-    dtype: jnp.dtype,
-) -> dict:
-    target = nnx.merge(target_graph, target_state)
-    target_out = frozen_target(target, batch, dtype, feature_layers(drafter_graph, state))
-    loss, metrics = loss_and_metrics(
-        state.params, state.extra, drafter_graph, target, target_out, batch, loss_config, dtype
-    )
-    return step_metrics(loss, metrics, batch)
+def eval_step(state: TrainState, frozen_state: nnx.State, batch: dict, *, graph: nnx.GraphDef, objective) -> dict:
+    context = objective.context(frozen_state, batch, nnx.merge(graph, state.params, state.extra))
+    return _loss(state.params, state.extra, graph, objective, context, batch)[1]
 
 
 def under_mesh(step, mesh):
@@ -99,16 +60,19 @@ def under_mesh(step, mesh):
     return run
 
 
-def jit_train_step(state_sh, target_sh, batch_sh, metrics_sh, **static):
-    """One ``jax.jit`` with explicit in/out shardings; the state is donated, the target is not."""
+def jit_train_step(state_sh, frozen_sh, batch_sh, metrics_sh, **static):
+    """One ``jax.jit`` with explicit in/out shardings; the state is donated, the frozen model is not.
+
+    ``static``: ``graph`` (the trained module's), ``objective``, ``tx`` and ``schedule``."""
     return jax.jit(
         under_mesh(functools.partial(train_step, **static), batch_sh.mesh),
-        in_shardings=(state_sh, target_sh, batch_sh),
+        in_shardings=(state_sh, frozen_sh, batch_sh),
         out_shardings=(state_sh, metrics_sh),
         donate_argnums=(0,),
     )
 
 
-def jit_eval_step(state_sh, target_sh, batch_sh, metrics_sh, **static):
+def jit_eval_step(state_sh, frozen_sh, batch_sh, metrics_sh, **static):
+    """``static``: ``graph`` and ``objective``."""
     step = under_mesh(functools.partial(eval_step, **static), batch_sh.mesh)
-    return jax.jit(step, in_shardings=(state_sh, target_sh, batch_sh), out_shardings=metrics_sh)
+    return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=metrics_sh)

@@ -1,4 +1,6 @@
-"""``train(config, workdir)``: distill a drafter from a frozen Gemma 4 target, sharded, resumable and logged."""
+"""The training loop, sharded, resumable and logged: ``fit`` trains any module for any objective
+(``mtp.training.objectives``); ``train(config, workdir)`` distills a drafter from a frozen Gemma 4 target with it,
+and the embedded tiny target (``mtp.embedded.target``) is pretrained with it."""
 
 from __future__ import annotations
 
@@ -21,13 +23,15 @@ from mtp.training import setup
 from mtp.training.checkpoints import Checkpointer, check_workdir, workdir_path
 from mtp.training.config import loss_config
 from mtp.training.metrics import MetricsWriter, mean_metrics, to_python
+from mtp.training.objectives import Distillation
 from mtp.training.state import (
+    TrainState,
     abstract_like,
     batch_sharding,
     init_state,
     make_optimizer,
     replicated,
-    split_drafter,
+    split_trainable,
 )
 from mtp.training.step import jit_eval_step, jit_train_step
 
@@ -69,17 +73,10 @@ def _log_compiled(name: str, compiled) -> None:
         )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Trains until ``num_train_steps`` (resuming from the workdir's newest checkpoint) and exports ``workdir/hf``.
-
-    On many processes every one runs this (``jax.distributed`` initialised first); ``workdir`` may be remote.
-    """
-    workdir = workdir_path(workdir)
-    if config.wandb.project and config.wandb.mode == "offline":
-        config.wandb.mode = "online"  # naming a project means the user wants the run online
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """``config.mesh`` over this job's devices, once the batch is known to split over its processes and mesh."""
     if config.batch_size % jax.process_count():
         raise ValueError(f"batch_size={config.batch_size} must divide over {jax.process_count()} processes.")
-    check_workdir(workdir, config)
     mesh = sharding_lib.make_mesh(config.mesh.to_dict())
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % data_parallel:
@@ -87,46 +84,77 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             f"batch_size={config.batch_size} is not divisible by the data-parallel mesh size "
             f"{data_parallel} (data x fsdp); change config.batch_size or config.mesh."
         )
-    dtype = jnp.dtype(config.compute_dtype)
+    return mesh
 
-    target_dir = setup.target_directory(config, workdir)
-    target = load_target(target_dir, mesh=mesh, dtype=jnp.dtype(config.target.dtype))
-    template = setup.chat_template(config, target_dir)
-    train_rows, eval_rows = setup.data_rows(config, workdir, target, template, mesh)
-    drafter = setup.build_drafter(config, target)
-    target_graph, target_state = nnx.split(target)
-    drafter_graph, params, extra = split_drafter(drafter)
 
+def fit(
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    module: nnx.Module,
+    objective,
+    *,
+    mesh: jax.sharding.Mesh,
+    train_iter,
+    eval_batches: list[dict],
+    frozen_state: nnx.State | None = None,
+    eval_at_start: bool = False,
+    progress: bool = True,
+    name: str = "train",
+) -> tuple[nnx.GraphDef, TrainState, dict]:
+    """Trains ``module``'s parameters for ``objective`` until ``config.num_train_steps``, resuming from the
+    workdir's newest checkpoint (its data iterator included); returns the module's graph, the final state and the
+    last logged metrics. Every process calls it; the caller has checked the workdir (``check_workdir``).
+
+    ``frozen_state``: the frozen model the objective reads (sharded by the logical-axis rules, never changed).
+    ``eval_at_start``: a run that starts at step 0 first logs the held-out metrics of the untrained module as step 0.
+    ``progress``, ``name``: whether process 0 shows a progress bar, and its label.
+    """
+    graph, params, extra = split_trainable(module)
     tx, schedule = make_optimizer(config)
     state, state_sh = init_state(params, extra, tx, mesh)
     checkpointer = Checkpointer(workdir, config.keep_checkpoints)
-    train_iter = setup.train_iterator(config, train_rows, template)
     restored = checkpointer.restore_latest(abstract_like(state, state_sh), train_iter)
     if restored is not None:
         state = restored
         log.info("Resumed from the checkpoint at step %d.", jax.device_get(state.step))
     start_step = int(jax.device_get(state.step))
 
+    frozen_state = nnx.State({}) if frozen_state is None else frozen_state
     batch_sh, metrics_sh = batch_sharding(mesh), replicated(mesh)
-    target_sh = sharding_lib.state_shardings(target_state, mesh)
-    static = dict(target_graph=target_graph, drafter_graph=drafter_graph, loss_config=loss_config(config), dtype=dtype)
-    step_fn = jit_train_step(state_sh, target_sh, batch_sh, metrics_sh, tx=tx, schedule=schedule, **static)
-    eval_fn = jit_eval_step(state_sh, target_sh, batch_sh, metrics_sh, **static)
-    eval_batches = [_device_batch(b, batch_sh) for b in setup.eval_batches(config, eval_rows, template)]
+    frozen_sh = sharding_lib.state_shardings(frozen_state, mesh)
+    static = dict(graph=graph, objective=objective)
+    step_fn = jit_train_step(state_sh, frozen_sh, batch_sh, metrics_sh, tx=tx, schedule=schedule, **static)
+    eval_fn = jit_eval_step(state_sh, frozen_sh, batch_sh, metrics_sh, **static)
+    eval_batches = [_device_batch(b, batch_sh) for b in eval_batches]
 
+    def evaluate() -> dict:
+        evals = [eval_fn(state, frozen_state, b) for b in eval_batches]
+        return {f"eval_{k}": v for k, v in to_python(mean_metrics(evals)).items()}
+
+    is_main = jax.process_index() == 0
     writer = MetricsWriter(
-        workdir, config, start_step=start_step, total=config.num_train_steps, is_main=jax.process_index() == 0
+        workdir,
+        config,
+        start_step=start_step,
+        total=config.num_train_steps,
+        is_main=is_main,
+        progress=progress,
+        name=name,
     )
-    history, unchecked, last_time, last_good = [], [], time.perf_counter(), checkpointer.latest_step
+    history, unchecked, last_good = [], [], checkpointer.latest_step
     summary: dict = {}
     compiled = None
     try:
+        if eval_at_start and start_step == 0:
+            summary = evaluate()
+            writer.write(0, summary)
+        last_time = time.perf_counter()
         for step in range(start_step, config.num_train_steps):
             batch = _device_batch(next(train_iter), batch_sh)
             if compiled is None:  # compile first, and say how much memory the step needs
-                compiled = step_fn.lower(state, target_state, batch).compile()
+                compiled = step_fn.lower(state, frozen_state, batch).compile()
                 _log_compiled("train step", compiled)
-            state, metrics = compiled(state, target_state, batch)
+            state, metrics = compiled(state, frozen_state, batch)
             done = step + 1
             # Nothing here reads a device value: the host runs ahead of the device until it logs, evaluates or saves.
             unchecked.append((done, metrics.pop("finite"), metrics["loss"], metrics["grad_norm"]))
@@ -149,8 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 history, last_time = [], now
             if eval_now:
                 start = time.perf_counter()
-                evals = [eval_fn(state, target_state, b) for b in eval_batches]
-                record |= {f"eval_{k}": v for k, v in to_python(mean_metrics(evals)).items()}
+                record |= evaluate()
                 last_time += time.perf_counter() - start  # tokens_per_second counts training time only
             if record:
                 writer.write(done, record)
@@ -162,5 +189,38 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         writer.close()
         checkpointer.close()
         train_iter.close()
-    setup.export(drafter_graph, state, workdir / "hf", save_drafter)  # every process gathers, process 0 writes
+    return graph, state, summary
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Distills a drafter until ``num_train_steps`` (resuming from the workdir's newest checkpoint) and exports
+    ``workdir/hf``; returns the last logged metrics.
+
+    On many processes every one runs this (``jax.distributed`` initialised first); ``workdir`` may be remote.
+    """
+    workdir = workdir_path(workdir)
+    if config.wandb.project and config.wandb.mode == "offline":
+        config.wandb.mode = "online"  # naming a project means the user wants the run online
+    check_workdir(workdir, config)
+    mesh = make_mesh(config)
+    dtype = jnp.dtype(config.compute_dtype)
+
+    target_dir = setup.target_directory(config, workdir)
+    target = load_target(target_dir, mesh=mesh, dtype=jnp.dtype(config.target.dtype))
+    template = setup.chat_template(config, target_dir)
+    train_rows, eval_rows = setup.data_rows(config, workdir, target, template, mesh)
+    drafter = setup.build_drafter(config, target)
+    target_graph, target_state = nnx.split(target)
+    objective = Distillation(target_graph, loss_config(config), dtype)
+    graph, state, summary = fit(
+        config,
+        workdir,
+        drafter,
+        objective,
+        mesh=mesh,
+        train_iter=setup.train_iterator(config, train_rows, template),
+        eval_batches=setup.eval_batches(config, eval_rows, template),
+        frozen_state=target_state,
+    )
+    setup.export(graph, state, workdir / "hf", save_drafter)  # every process gathers, process 0 writes
     return summary

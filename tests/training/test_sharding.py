@@ -14,7 +14,8 @@ from mtp.gemma4.config import config_from_hf
 from mtp.gemma4.model import Gemma4
 from mtp.training import setup
 from mtp.training.config import loss_config
-from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_drafter
+from mtp.training.objectives import Distillation
+from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_trainable
 from mtp.training.step import jit_train_step
 from tests import hf_oracle
 
@@ -51,7 +52,7 @@ def prepare(kind: str, mesh_shape: dict):
     target_graph, target_state = nnx.split(target)
     target_sh = sharding_lib.state_shardings(target_state, mesh)
     target_state = jax.device_put(target_state, target_sh)
-    drafter_graph, params, extra = split_drafter(drafter)
+    drafter_graph, params, extra = split_trainable(drafter)
     tx, schedule = make_optimizer(config)
     state, state_sh = init_state(params, extra, tx, mesh)
     step = jit_train_step(
@@ -61,10 +62,8 @@ def prepare(kind: str, mesh_shape: dict):
         replicated(mesh),
         tx=tx,
         schedule=schedule,
-        target_graph=target_graph,
-        drafter_graph=drafter_graph,
-        loss_config=loss_config(config),
-        dtype=jnp.float32,
+        graph=drafter_graph,
+        objective=Distillation(target_graph, loss_config(config), jnp.float32),
     )
     batch = jax.device_put(synthetic_batch(), batch_sharding(mesh))
     return step.lower(state, target_state, batch), (state, target_state, batch)

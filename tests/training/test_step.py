@@ -15,7 +15,8 @@ from mtp.gemma4.model import Gemma4
 from mtp.training import setup, trainer
 from mtp.training import step as step_lib
 from mtp.training.config import loss_config
-from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_drafter
+from mtp.training.objectives import Distillation
+from mtp.training.state import batch_sharding, init_state, make_optimizer, replicated, split_trainable
 from tests import hf_oracle
 from tests.training.test_sharding import synthetic_batch
 
@@ -39,7 +40,7 @@ def test_a_non_finite_step_leaves_the_state_as_it_was(monkeypatch):
     target_config = config_from_hf(hf_oracle.tiny_text_config_dict("e2b_like") | {"model_type": "gemma4_text"})
     target = Gemma4(target_config, rngs=nnx.Rngs(0))
     target_graph, target_state = nnx.split(target)
-    drafter_graph, params, extra = split_drafter(setup.build_drafter(config, target))
+    drafter_graph, params, extra = split_trainable(setup.build_drafter(config, target))
     tx, schedule = make_optimizer(config)
     state, state_sh = init_state(params, extra, tx, mesh)
     train_step = step_lib.jit_train_step(
@@ -49,10 +50,8 @@ def test_a_non_finite_step_leaves_the_state_as_it_was(monkeypatch):
         replicated(mesh),
         tx=tx,
         schedule=schedule,
-        target_graph=target_graph,
-        drafter_graph=drafter_graph,
-        loss_config=loss_config(config),
-        dtype=jnp.float32,
+        graph=drafter_graph,
+        objective=Distillation(target_graph, loss_config(config), jnp.float32),
     )
     good = synthetic_batch(batch=4)
     bad = dict(good, tokens=good["tokens"].copy())
