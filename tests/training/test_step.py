@@ -12,7 +12,7 @@ from configs import tiny
 from mtp import sharding as sharding_lib
 from mtp.gemma4.config import config_from_hf
 from mtp.gemma4.model import Gemma4
-from mtp.training import setup, trainer
+from mtp.training import objectives, setup, trainer
 from mtp.training import step as step_lib
 from mtp.training.config import loss_config
 from mtp.training.objectives import Distillation
@@ -22,7 +22,7 @@ from tests.training.test_sharding import synthetic_batch
 
 
 def test_a_non_finite_step_leaves_the_state_as_it_was(monkeypatch):
-    real = step_lib.distill_loss
+    real = objectives.distill_loss
 
     def poisoned(drafter, target, target_out, batch, *args, **kwargs):
         """NaN loss and gradients for a batch whose first token is 0; a finite loss but NaN gradients for 1."""
@@ -32,7 +32,7 @@ def test_a_non_finite_step_leaves_the_state_as_it_was(monkeypatch):
         loss = loss + jnp.sqrt(0.0 * jnp.sum(drafter.pre_projection[...]) + healthy) - healthy
         return loss * jnp.where(batch["tokens"][0, 0] == 0, jnp.nan, 1.0), metrics
 
-    monkeypatch.setattr(step_lib, "distill_loss", poisoned)
+    monkeypatch.setattr(objectives, "distill_loss", poisoned)
     config = tiny.get_config("test")
     config.loss.depth = 1
     config.drafter.num_layers = 1

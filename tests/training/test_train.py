@@ -16,8 +16,7 @@ from jax._src.array import ArrayImpl
 
 from mtp.checkpoint import load_target
 from mtp.checkpoint.hf_drafter import load_drafter
-from mtp.training import setup, trainer
-from mtp.training import step as step_lib
+from mtp.training import objectives, setup, trainer
 from mtp.training.checkpoints import WorkdirError, check_workdir
 from mtp.training.config import loss_config
 from mtp.training.loss import distill_loss, frozen_target
@@ -183,13 +182,13 @@ def test_a_corrupt_latest_checkpoint_falls_back_with_a_warning(finished_run, tmp
 def test_a_nan_loss_stops_the_run_before_it_saves(finished_run, tmp_path, monkeypatch):
     workdir = tmp_path / "nan"
     shutil.copytree(finished_run, workdir)
-    real = step_lib.distill_loss
+    real = objectives.distill_loss
 
     def nan_loss(*args, **kwargs):
         loss, metrics = real(*args, **kwargs)
         return loss * jnp.nan, metrics
 
-    monkeypatch.setattr(step_lib, "distill_loss", nan_loss)
+    monkeypatch.setattr(objectives, "distill_loss", nan_loss)
     # Resumed at 12: steps 13 and 14 are NaN, and the host first looks at 14, to save a checkpoint.
     cadence = dict(num_train_steps=20, log_every_steps=5, eval_every_steps=5, checkpoint_every_steps=2)
     with pytest.raises(trainer.NonFiniteLossError, match=r"at step 13;.*last good checkpoint is step 12"):
