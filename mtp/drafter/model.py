@@ -18,7 +18,7 @@ from mtp.drafter.config import DrafterConfig
 from mtp.drafter.interface import DepthOutput, Draft, DrafterFamily, UnrollInputs, checkpointed, wide
 from mtp.gemma4.attention import attend
 from mtp.gemma4.config import SLIDING
-from mtp.gemma4.layers import RMSNorm, param, rope_inv_freq, rope_tables
+from mtp.gemma4.layers import RMSNorm, param, project, rope_inv_freq, rope_tables
 from mtp.gemma4.model import DecoderLayer, Gemma4, LayerKV
 from mtp.sharding import constrain_batch
 
@@ -131,7 +131,7 @@ class Drafter(DrafterFamily):
         if (segments_BT is None) != (key_segments_BS is None):
             raise ValueError("Pass both segments_BT and key_segments_BS (packed sequences) or neither.")
         x_BTI = jnp.concatenate([token_embed_BTD, hidden_BTD], axis=-1).astype(dtype)
-        x_BTD = constrain_batch(jnp.einsum("BTI,ID->BTD", x_BTI, self.pre_projection[...].astype(dtype)))
+        x_BTD = constrain_batch(project(x_BTI, self.pre_projection[...].astype(dtype)))
         rope, blocks, visible = {}, {}, {}
         for layer_type in config.attention_types:
             kv = target_kv[layer_type]
@@ -165,7 +165,7 @@ class Drafter(DrafterFamily):
                 x_BTD = one_layer(layer, config.layer_types[i], x_BTD)
 
         h_BTD = self.final_norm(x_BTD)
-        projected_BTU = jnp.einsum("BTD,DU->BTU", h_BTD, self.post_projection[...].astype(dtype))
+        projected_BTU = project(h_BTD, self.post_projection[...].astype(dtype))
         return DrafterFeatures(normed=h_BTD, projected=projected_BTU)
 
     def logits(self, h_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:

@@ -316,7 +316,9 @@ class Attention(nnx.Module):
         self.v = nnx.data(param(rngs, kv_shape, kv_axes) if owns_kv and not keys_are_values else None)
 
     def queries(self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
-        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q[...].astype(x_BTD.dtype))
+        width, heads, head_dim = self.q.shape
+        q_DF = self.q[...].astype(x_BTD.dtype).reshape(width, heads * head_dim)
+        q_BTNH = project(x_BTD, q_DF).reshape(*x_BTD.shape[:2], heads, head_dim)
         return apply_rope(self.q_norm(q_BTNH), cos_BTH, sin_BTH)
 
     def keys_values(self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> tuple[jax.Array, jax.Array]:
