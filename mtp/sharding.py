@@ -10,6 +10,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mtp.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -40,13 +42,13 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
     if shape is None:
         sizes[1] = len(devices)
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape}: at most one axis may be -1.")
+        raise UserError(f"mesh shape {shape}: at most one axis may be -1; fix config.mesh.")
     if -1 in sizes:
         known = int(np.prod([s for s in sizes if s != -1]))
         sizes[sizes.index(-1)] = len(devices) // known
     needed = int(np.prod(sizes))
     if needed > len(devices) or len(devices) % needed:
-        raise ValueError(
+        raise UserError(
             f"mesh shape {dict(zip(MESH_AXES, sizes, strict=True))} needs {needed} devices but "
             f"{len(devices)} are available; fix config.mesh."
         )
@@ -93,7 +95,7 @@ def _place(
     used = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize // int(np.prod([mesh.shape[a] for a in used]))
     if nbytes > max_replicated_bytes:
-        raise ValueError(
+        raise UserError(
             f"{_replicated(name, shape, why)} ({nbytes / 2**20:.0f} MiB per device, over the "
             f"{max_replicated_bytes / 2**20:.0f} MiB an array left unsplit may take). Choose mesh axis sizes that "
             "divide it (config.mesh), or raise max_replicated_bytes."

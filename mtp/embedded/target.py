@@ -103,7 +103,7 @@ def train(
         config.seq_len,
         math.log(config.model.vocab_size),
     )
-    workdir = workdir_path(workdir)
+    workdir, mesh = workdir_path(workdir), make_mesh(config)
     check_workdir(workdir, config)
     start = time.perf_counter()
     graph, state, _ = fit(
@@ -111,7 +111,7 @@ def train(
         workdir,
         init_model(config),
         NextToken(jnp.dtype(config.compute_dtype)),
-        mesh=make_mesh(config),
+        mesh=mesh,
         train_iter=make_train_iterator(load_rows(str(paths.train)), template, pipeline),
         eval_batches=eval_batches,
         eval_at_start=True,

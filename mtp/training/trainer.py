@@ -18,6 +18,7 @@ from flax import nnx
 from mtp import sharding as sharding_lib
 from mtp.checkpoint import load_target
 from mtp.drafter import save_drafter
+from mtp.errors import UserError
 from mtp.multihost import sum_over_processes
 from mtp.training import setup
 from mtp.training.checkpoints import Checkpointer, check_workdir, workdir_path
@@ -76,11 +77,14 @@ def _log_compiled(name: str, compiled) -> None:
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     """``config.mesh`` over this job's devices, once the batch is known to split over its processes and mesh."""
     if config.batch_size % jax.process_count():
-        raise ValueError(f"batch_size={config.batch_size} must divide over {jax.process_count()} processes.")
+        raise UserError(
+            f"batch_size={config.batch_size} must divide over the {jax.process_count()} processes; change "
+            "config.batch_size."
+        )
     mesh = sharding_lib.make_mesh(config.mesh.to_dict())
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % data_parallel:
-        raise ValueError(
+        raise UserError(
             f"batch_size={config.batch_size} is not divisible by the data-parallel mesh size "
             f"{data_parallel} (data x fsdp); change config.batch_size or config.mesh."
         )
@@ -201,8 +205,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     workdir = workdir_path(workdir)
     if config.wandb.project and config.wandb.mode == "offline":
         config.wandb.mode = "online"  # naming a project means the user wants the run online
+    mesh = make_mesh(config)  # a batch that does not split is refused before the workdir is touched
     check_workdir(workdir, config)
-    mesh = make_mesh(config)
     dtype = jnp.dtype(config.compute_dtype)
 
     target_dir = setup.target_directory(config, workdir)
