@@ -109,11 +109,15 @@ def _project_forward(x_BTD, w_DF):
 def _project_backward(saved, grad_BTF):
     x_BTD, w_DF = saved
     grad_x = jnp.einsum("BTF,DF->BTD", grad_BTF, w_DF)
-    # B, T contracted as the major dimension of both operands, the output already [D, F]: jax's own transpose of the
-    # einsum has XLA:CPU copy each [B, T, F] gradient to [F, B T] first (the MLP's three: 1.39x -> 1.20x the floor
-    # of benchmarks/train_speed.py's step; the attention's query and output and the drafter's pre- and
-    # post-projections: 0.8-1.7% of the step more).
-    grad_w = jnp.einsum("BTD,BTF->DF", x_BTD, grad_BTF)
+    # B, T contracted as the major dimension of both operands: jax's own transpose of the einsum has XLA:CPU copy
+    # each [B, T, F] gradient to [F, B T] first (the MLP's three: 1.39x -> 1.20x the floor of
+    # benchmarks/train_speed.py's step; the attention's query and output and the drafter's pre- and
+    # post-projections: 0.8-1.7% of the step more). XLA:CPU still lays the product's left operand out [width, B T]:
+    # the narrower of the two goes left (0.7-1.4% of the step: the drafter's down, output and pre-projections).
+    if x_BTD.shape[-1] > grad_BTF.shape[-1]:
+        grad_w = jnp.einsum("BTF,BTD->FD", grad_BTF, x_BTD).T
+    else:
+        grad_w = jnp.einsum("BTD,BTF->DF", x_BTD, grad_BTF)
     return grad_x.astype(x_BTD.dtype), grad_w.astype(w_DF.dtype)
 
 

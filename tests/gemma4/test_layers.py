@@ -35,10 +35,11 @@ def test_chunked_mlp_equals_the_whole_sequence(monkeypatch):
     np.testing.assert_allclose(chunked, mlp.dense(x_BTD), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("width, out", [(6, 7), (7, 6)], ids=["widening", "narrowing"])  # both weight gradients
 @pytest.mark.parametrize(
     "dtype, rtol", [(jnp.float64, 1e-13), (jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)], ids=["f64", "f32", "bf16"]
 )
-def test_project_value_and_gradients_equal_the_einsum(dtype, rtol):
+def test_project_value_and_gradients_equal_the_einsum(dtype, rtol, width, out):
     def plain(x_BTD, w_DF):
         return jnp.einsum("BTD,DF->BTF", x_BTD, w_DF)
 
@@ -48,9 +49,9 @@ def test_project_value_and_gradients_equal_the_einsum(dtype, rtol):
         )
 
     with jax.enable_x64(dtype == jnp.float64):
-        x_BTD = jax.random.normal(jax.random.key(0), (2, 5, 6), dtype)
-        w_DF = jax.random.normal(jax.random.key(1), (6, 7), dtype)
-        c_BTF = jax.random.normal(jax.random.key(2), (2, 5, 7), dtype)
+        x_BTD = jax.random.normal(jax.random.key(0), (2, 5, width), dtype)
+        w_DF = jax.random.normal(jax.random.key(1), (width, out), dtype)
+        c_BTF = jax.random.normal(jax.random.key(2), (2, 5, out), dtype)
         np.testing.assert_array_equal(jax.jit(layers.project)(x_BTD, w_DF), jax.jit(plain)(x_BTD, w_DF))
         want = jax.tree.leaves(value_and_grads(plain, x_BTD, w_DF, c_BTF))
         got = jax.tree.leaves(value_and_grads(layers.project, x_BTD, w_DF, c_BTF))
