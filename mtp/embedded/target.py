@@ -44,7 +44,7 @@ from mtp.gemma4.config import Gemma4Config
 from mtp.gemma4.model import Gemma4
 from mtp.training.checkpoints import check_workdir, workdir_path
 from mtp.training.objectives import NextToken
-from mtp.training.trainer import fit, make_mesh
+from mtp.training.trainer import fit, training_mesh
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,10 @@ def train(
         config.seq_len,
         math.log(config.model.vocab_size),
     )
-    workdir, mesh = workdir_path(workdir), make_mesh(config)
+    workdir, mesh = workdir_path(workdir), training_mesh(config)
     check_workdir(workdir, config)
     start = time.perf_counter()
-    graph, state, _ = fit(
+    model, _ = fit(
         config,
         workdir,
         init_model(config),
@@ -140,7 +140,7 @@ def train(
         seconds,
         history["train_tokens_per_second"],
     )
-    return nnx.merge(graph, state.params, state.extra), history
+    return model, history
 
 
 def _recipe(config: ml_collections.ConfigDict) -> dict:
@@ -154,10 +154,15 @@ def _recipe(config: ml_collections.ConfigDict) -> dict:
     }
 
 
+def _saved_recipe(path: pathlib.Path) -> dict | None:
+    """The ``recipe`` a manifest or a training workdir's recipe.json records; None if missing or foreign."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return json.loads(path.read_text())["recipe"]
+    return None
+
+
 def _complete(directory: pathlib.Path, recipe: dict) -> bool:
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # no manifest yet, or a foreign one
-        return json.loads((directory / MANIFEST).read_text())["recipe"] == recipe
-    return False
+    return _saved_recipe(directory / MANIFEST) == recipe
 
 
 def ensure_tiny_target(
@@ -187,10 +192,10 @@ def ensure_tiny_target(
         if _complete(directory, recipe):
             return directory
         workdir = root / f".{directory.name}.training"  # the trainer's checkpoints: a killed build resumes
-        if _recipe_of(workdir) != recipe:
+        if _saved_recipe(workdir / RECIPE) != recipe:
             shutil.rmtree(workdir, ignore_errors=True)  # left by other settings: they cannot be resumed
             workdir.mkdir()
-            (workdir / RECIPE).write_text(json.dumps(recipe, indent=1) + "\n")
+            (workdir / RECIPE).write_text(json.dumps({"recipe": recipe}, indent=1) + "\n")
         else:
             log.info("tiny target: resuming the build in %s", workdir)
         log.info("tiny target: none in %s for these settings; training one", directory)
@@ -208,12 +213,6 @@ def ensure_tiny_target(
             shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(workdir)
     return directory
-
-
-def _recipe_of(workdir: pathlib.Path) -> dict | None:
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads((workdir / RECIPE).read_text())
-    return None
 
 
 @contextlib.contextmanager

@@ -1,18 +1,13 @@
 """What a run trains for: an objective turns the trained module, what it reads from a frozen model, and a batch into
 a loss and its metrics. The jitted steps (``mtp.training.step``) and the trainer run every objective the same way.
 
-An objective is a frozen dataclass with two methods, both traced inside the jitted step:
-
-- ``context(frozen_state, batch, module)``: whatever the loss reads from the frozen model (nothing for
-  pretraining), computed once per step outside the gradient;
-- ``loss(module, context, batch) -> (loss, metrics)``: differentiated with respect to the module's parameters.
-  ``metrics`` holds ``loss`` and ``trained_tokens`` (the weight of its batch when metrics are averaged) and
-  whatever else the objective reports.
+An objective is a frozen dataclass with the two methods of ``Objective``, both traced inside the jitted step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +16,15 @@ from flax import nnx
 from mtp.drafter.interface import DrafterFamily
 from mtp.gemma4.model import Gemma4
 from mtp.training.loss import LossConfig, distill_loss, frozen_target, simulated_acceptance_length
+
+
+class Objective(Protocol):
+    def context(self, frozen_state: nnx.State, batch: dict, module: nnx.Module) -> Any:
+        """Whatever the loss reads from the frozen model (nothing for pretraining): once per step, no gradient."""
+
+    def loss(self, module: nnx.Module, context: Any, batch: dict) -> tuple[jax.Array, dict]:
+        """Differentiated with respect to the module's parameters; the metrics hold ``loss`` and ``trained_tokens``
+        (the weight of the batch when metrics are averaged) and whatever else the objective reports."""
 
 
 @dataclasses.dataclass(frozen=True)

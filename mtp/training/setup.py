@@ -179,11 +179,3 @@ def build_drafter(config: ml_collections.ConfigDict, target: Gemma4) -> Drafter:
         drafter.token_ordering[...] = jnp.asarray(ordering)
         drafter.centroids[...] = jnp.asarray(cluster_means(table, ordering, drafter_config.num_centroids))
     return drafter
-
-
-def export(drafter_graph, state, path: os.PathLike, save_drafter) -> None:
-    """The trained drafter in the HF ``gemma4_assistant`` layout (called on every process; process 0 writes)."""
-    drafter = nnx.merge(drafter_graph, state.params, state.extra)
-    save_drafter(drafter, path)
-    if jax.process_index() == 0:
-        log.info("Exported the drafter to %s (loads with transformers' Gemma4AssistantForCausalLM).", path)

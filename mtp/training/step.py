@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mtp.training.objectives import Objective
 from mtp.training.state import TrainState
 
 
@@ -23,7 +24,7 @@ def train_step(
     batch: dict,
     *,
     graph: nnx.GraphDef,
-    objective,
+    objective: Objective,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
 ) -> tuple[TrainState, dict]:
@@ -44,7 +45,9 @@ def train_step(
     return TrainState(state.step + 1, params, state.extra, opt_state), out
 
 
-def eval_step(state: TrainState, frozen_state: nnx.State, batch: dict, *, graph: nnx.GraphDef, objective) -> dict:
+def eval_step(
+    state: TrainState, frozen_state: nnx.State, batch: dict, *, graph: nnx.GraphDef, objective: Objective
+) -> dict:
     context = objective.context(frozen_state, batch, nnx.merge(graph, state.params, state.extra))
     return _loss(state.params, state.extra, graph, objective, context, batch)[1]
 

@@ -24,9 +24,8 @@ from mtp.training import setup
 from mtp.training.checkpoints import Checkpointer, check_workdir, workdir_path
 from mtp.training.config import loss_config
 from mtp.training.metrics import MetricsWriter, mean_metrics, to_python
-from mtp.training.objectives import Distillation
+from mtp.training.objectives import Distillation, Objective
 from mtp.training.state import (
-    TrainState,
     abstract_like,
     batch_sharding,
     init_state,
@@ -74,7 +73,7 @@ def _log_compiled(name: str, compiled) -> None:
         )
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+def training_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     """``config.mesh`` over this job's devices, once the batch is known to split over its processes and mesh."""
     if config.batch_size % jax.process_count():
         raise UserError(
@@ -95,7 +94,7 @@ def fit(
     config: ml_collections.ConfigDict,
     workdir: epath.Path,
     module: nnx.Module,
-    objective,
+    objective: Objective,
     *,
     mesh: jax.sharding.Mesh,
     train_iter,
@@ -104,10 +103,10 @@ def fit(
     eval_at_start: bool = False,
     progress: bool = True,
     name: str = "train",
-) -> tuple[nnx.GraphDef, TrainState, dict]:
+) -> tuple[nnx.Module, dict]:
     """Trains ``module``'s parameters for ``objective`` until ``config.num_train_steps``, resuming from the
-    workdir's newest checkpoint (its data iterator included); returns the module's graph, the final state and the
-    last logged metrics. Every process calls it; the caller has checked the workdir (``check_workdir``).
+    workdir's newest checkpoint (its data iterator included); returns the trained module and the last logged
+    metrics. Every process calls it; the caller has checked the workdir (``check_workdir``).
 
     ``frozen_state``: the frozen model the objective reads (sharded by the logical-axis rules, never changed).
     ``eval_at_start``: a run that starts at step 0 first logs the held-out metrics of the untrained module as step 0.
@@ -193,7 +192,7 @@ def fit(
         writer.close()
         checkpointer.close()
         train_iter.close()
-    return graph, state, summary
+    return nnx.merge(graph, state.params, state.extra), summary
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -205,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     workdir = workdir_path(workdir)
     if config.wandb.project and config.wandb.mode == "offline":
         config.wandb.mode = "online"  # naming a project means the user wants the run online
-    mesh = make_mesh(config)  # a batch that does not split is refused before the workdir is touched
+    mesh = training_mesh(config)  # a batch that does not split is refused before the workdir is touched
     check_workdir(workdir, config)
     dtype = jnp.dtype(config.compute_dtype)
 
@@ -216,7 +215,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     drafter = setup.build_drafter(config, target)
     target_graph, target_state = nnx.split(target)
     objective = Distillation(target_graph, loss_config(config), dtype)
-    graph, state, summary = fit(
+    drafter, summary = fit(
         config,
         workdir,
         drafter,
@@ -226,5 +225,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         eval_batches=setup.eval_batches(config, eval_rows, template),
         frozen_state=target_state,
     )
-    setup.export(graph, state, workdir / "hf", save_drafter)  # every process gathers, process 0 writes
+    save_drafter(drafter, workdir / "hf")  # every process gathers, process 0 writes
+    if jax.process_index() == 0:
+        log.info("Exported the drafter to %s (loads with transformers' Gemma4AssistantForCausalLM).", workdir / "hf")
     return summary
