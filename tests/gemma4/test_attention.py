@@ -95,6 +95,30 @@ def test_implementations_equal_dense(implementation, dtype):
             np.testing.assert_allclose(g, w, atol=TOLERANCE[dtype], rtol=0, err_msg=name)
 
 
+def test_dense_layouts_agree(monkeypatch):
+    """dense_attend's two layouts of its products (few queries: [B, T, K, G, H]; many: batched over (B, K)) give
+    the same outputs and gradients in float64, on every case."""
+    layouts = {}
+    with jax.enable_x64(True):
+        for name, threshold in (("few", T + 1), ("many", 1)):
+            monkeypatch.setattr(attention, "MANY_QUERIES", threshold)
+            layouts[name] = {}
+            for case, q, blocks in cases(jnp.float64):
+                arrays = [(k, v) for k, v, _ in blocks]
+
+                weights = jax.random.normal(jax.random.key(7), q.shape, q.dtype)  # every output entry its own weight
+
+                def f(q, arrays, blocks=blocks, weights=weights):
+                    blocks = [(k, v, m) for (k, v), (_, _, m) in zip(arrays, blocks, strict=True)]
+                    out = attend(q, blocks, "dense")
+                    return jnp.sum(jnp.sin(out) * weights), out
+
+                layouts[name][case] = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(q, arrays)
+    for case, value in layouts["many"].items():
+        for got, want in zip(jax.tree.leaves(value), jax.tree.leaves(layouts["few"][case]), strict=True):
+            np.testing.assert_allclose(got, want, atol=TOLERANCE[jnp.float64], rtol=0, err_msg=case)
+
+
 def test_auto_is_dense_for_short_queries_and_blockwise_for_long(monkeypatch):
     q, k, v, _, _ = inputs(jnp.float32)
     mask = chunk_mask(packed()[0], jnp.ones((B, T), bool), None, None)
