@@ -79,12 +79,22 @@ def costliest_ops(directory: str, sources: dict[str, str], top: int = 20) -> lis
     return [(ms, op, sources.get(op, "")) for op, ms in total.most_common(top)]
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--profile", default="", help="also trace each train step here; print its costliest ops")
-    args = parser.parse_args()
-    print(f"load average (1/5/15 min) at start: {load()}")
+@dataclasses.dataclass
+class TinyPair:
+    """The embedded target's shape with random weights, ``configs/tiny.py``'s drafter, one batch, split for jit."""
+
+    config: object
+    mesh: jax.sharding.Mesh
+    drafter: nnx.Module
+    batch: dict
+    target_graph: nnx.GraphDef
+    target_state: nnx.State
+    drafter_graph: nnx.GraphDef
+    params: nnx.State
+    extra: nnx.State
+
+
+def tiny_pair() -> TinyPair:
     config = tiny.get_config()
     mesh = sharding_lib.make_mesh({"fsdp": 1})
     target = Gemma4(model_config(tiny_target.get_config()), rngs=nnx.Rngs(0))
@@ -98,32 +108,56 @@ def main():
         "loss_mask": np.ones((batch_size, length), np.int32),
     }
     batch = jax.device_put(host_batch, batch_sharding(mesh))
-
     target_graph, target_state = nnx.split(target)
-    drafter_graph, params, extra = split_trainable(drafter)
-    tx, schedule = make_optimizer(config)
-    target_sh = sharding_lib.state_shardings(target_state, mesh)
+    return TinyPair(config, mesh, drafter, batch, target_graph, target_state, *split_trainable(drafter))
+
+
+def compiled_step(pair: TinyPair, loss) -> tuple:
+    """The jitted train step for ``loss`` (a ``LossConfig``), compiled now (so that patches in place at this call
+    are in it), and a fresh state for it."""
+    tx, schedule = make_optimizer(pair.config)
+    state, state_sh = init_state(pair.params, pair.extra, tx, pair.mesh)
+    step = jit_train_step(
+        state_sh,
+        sharding_lib.state_shardings(pair.target_state, pair.mesh),
+        batch_sharding(pair.mesh),
+        replicated(pair.mesh),
+        tx=tx,
+        schedule=schedule,
+        graph=pair.drafter_graph,
+        objective=Distillation(pair.target_graph, loss, jnp.float32),
+    )
+    return step.lower(state, pair.target_state, pair.batch).compile(), state
+
+
+def compiled_target_forward(pair: TinyPair):
+    """The frozen target's forward with its vocabulary projection, compiled now."""
+
+    def target_forward(target_state, batch):
+        target = nnx.merge(pair.target_graph, target_state)
+        return target.logits(frozen_target(target, batch, jnp.float32).hidden)
+
+    return jax.jit(target_forward).lower(pair.target_state, pair.batch).compile()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--profile", default="", help="also trace each train step here; print its costliest ops")
+    args = parser.parse_args()
+    print(f"load average (1/5/15 min) at start: {load()}")
+    pair = tiny_pair()
+    config, drafter, batch = pair.config, pair.drafter, pair.batch
+    target_graph, target_state = pair.target_graph, pair.target_state
+    drafter_graph, params, extra = pair.drafter_graph, pair.params, pair.extra
+    batch_size, length = config.batch_size, config.seq_len
     losses = {"teacher once": loss_config(config)}
     losses["per depth"] = dataclasses.replace(losses["teacher once"], whole_teacher_bytes=0)
     depth = losses["teacher once"].depth
     steps, states = {}, {}
     for name, loss in losses.items():
-        states[name], state_sh = init_state(params, extra, tx, mesh)
-        steps[name] = jit_train_step(
-            state_sh,
-            target_sh,
-            batch_sharding(mesh),
-            replicated(mesh),
-            tx=tx,
-            schedule=schedule,
-            graph=drafter_graph,
-            objective=Distillation(target_graph, loss, jnp.float32),
-        )
-
-    @jax.jit
-    def target_forward(target_state, batch):
-        target = nnx.merge(target_graph, target_state)
-        return target.logits(frozen_target(target, batch, jnp.float32).hidden)
+        steps[name], states[name] = compiled_step(pair, loss)
+    target_forward = compiled_target_forward(pair)
 
     @jax.jit
     def frozen_output(target_state, batch):
@@ -178,7 +212,7 @@ def main():
     print(f"load average (1/5/15 min) at end: {load()}")
     for name in losses if args.profile else ():
         directory = f"{args.profile}/{name.replace(' ', '_')}"
-        sources = hlo_sources(steps[name].lower(states[name], target_state, batch).compile().as_text())
+        sources = hlo_sources(steps[name].as_text())
         with jax.profiler.trace(directory, create_perfetto_trace=True):
             for _ in range(2):
                 jax.block_until_ready(train(name)())
