@@ -114,25 +114,34 @@ def dense_attend(q_BTNH: Float[Array, "B T N H"], blocks: Sequence[KVBlock]) -> 
     batch, length, heads, head_dim = q_BTNH.shape
     kv_heads = blocks[0][0].shape[1]
     q_BTKGH = q_BTNH.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    many = length >= MANY_QUERIES
-    q = q_BTKGH.transpose(0, 2, 3, 1, 4) if many else q_BTKGH
+    if length >= MANY_QUERIES:
+        q_BKGTH = q_BTKGH.transpose(0, 2, 3, 1, 4)
+
+        def scores_of(k_BKSH):
+            return jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH)
+
+        def output_of(p_BKGTS, v_BKSH):
+            return jnp.einsum("BKSH,BKGTS->BKHGT", v_BKSH, p_BKGTS).transpose(0, 4, 1, 3, 2)
+    else:
+
+        def scores_of(k_BKSH):
+            return jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH)
+
+        def output_of(p_BKGTS, v_BKSH):
+            return jnp.einsum("BKGTS,BKSH->BTKGH", p_BKGTS, v_BKSH)
+
     compute = jnp.promote_types(q_BTNH.dtype, jnp.float32)
     scores = []
     for k_BKSH, _, mask_BTS in blocks:
-        s_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS" if many else "BTKGH,BKSH->BKGTS", q, k_BKSH.astype(q.dtype))
-        scores.append(jnp.where(mask_BTS[:, None, None], s_BKGTS.astype(compute), jnp.finfo(compute).min))
+        s_BKGTS = scores_of(k_BKSH.astype(q_BTNH.dtype)).astype(compute)
+        scores.append(jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(compute).min))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q_BTNH.dtype)
-    out = 0  # [B, K, H, G, T] with many queries, else [B, T, K, G, H]
+    out_BTKGH = 0
     start = 0
     for k_BKSH, v_BKSH, _ in blocks:
         p_BKGTS = probs[..., start : start + k_BKSH.shape[2]]
-        v_BKSH = v_BKSH.astype(q.dtype)
-        if many:
-            out = out + jnp.einsum("BKSH,BKGTS->BKHGT", v_BKSH, p_BKGTS)
-        else:
-            out = out + jnp.einsum("BKGTS,BKSH->BTKGH", p_BKGTS, v_BKSH)
+        out_BTKGH = out_BTKGH + output_of(p_BKGTS, v_BKSH.astype(q_BTNH.dtype))
         start += k_BKSH.shape[2]
-    out_BTKGH = out.transpose(0, 4, 1, 3, 2) if many else out
     return out_BTKGH.reshape(batch, length, heads, head_dim)
 
 
