@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp.drafter.interface import Anchor, DepthOutput, DrafterFamily, UnrollInputs, wide
-from mtp.gemma4.layers import first_argmax
+from mtp.gemma4.layers import first_argmax, transposed
 from mtp.gemma4.model import Gemma4, TargetOutput
 from mtp.sharding import constrain_replicated
 from mtp.training.centroids import centroid_loss
@@ -206,7 +206,7 @@ def _projection_backward(saved, grad_BTV):
     grad_h = jnp.einsum("BTV,VE->BTE", grad_BTV, table_VE.astype(grad_BTV.dtype))
     # Contracting B, T as the major dimension of both operands: XLA:CPU would otherwise copy the gradient to [V, B T]
     # (measured: that copy alone took 14% of a tiny-pair train step).
-    grad_table = jnp.einsum("BTE,BTV->EV", h_BTE.astype(grad_BTV.dtype), grad_BTV).T
+    grad_table = transposed(jnp.einsum("BTE,BTV->EV", h_BTE.astype(grad_BTV.dtype), grad_BTV))
     return grad_h.astype(h_BTE.dtype), grad_table.astype(table_VE.dtype)
 
 

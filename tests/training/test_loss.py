@@ -19,6 +19,7 @@ from mtp.training.loss import (
     distill_loss,
     frozen_target,
     unroll,
+    vocab_projection,
 )
 from tests import hf_oracle
 
@@ -250,6 +251,36 @@ def test_the_fused_cross_entropy_has_the_plain_formulas_value_and_gradients():
             ("value", "grad p", "grad logits"), jax.tree.leaves(got), jax.tree.leaves(want), strict=True
         ):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "dtype, rtol", [(jnp.float64, 1e-13), (jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)], ids=["f64", "f32", "bf16"]
+)
+def test_vocab_projection_has_the_einsums_value_and_gradients(dtype, rtol):
+    """The student head's custom backward (no transposed [V, B T] gradient; on CPU the table's gradient made as
+    [E, V] and transposed after) == jax.grad of the plain einsum, for the input and the table, jitted."""
+
+    def plain(h_BTE, table_VE):
+        return jnp.einsum("BTE,VE->BTV", h_BTE, table_VE, preferred_element_type=jnp.promote_types(dtype, jnp.float32))
+
+    def value_and_grads(head, h_BTE, table_VE, c_BTV):  # a cotangent that is not all ones, through a nonlinearity
+        return jax.jit(jax.value_and_grad(lambda h, t: jnp.sum(jnp.sin(head(h, t)) * c_BTV), argnums=(0, 1)))(
+            h_BTE, table_VE
+        )
+
+    with jax.enable_x64(dtype == jnp.float64):
+        keys = jax.random.split(jax.random.key(5), 3)
+        h_BTE = jax.random.normal(keys[0], (2, 5, 6), dtype)
+        table_VE = jax.random.normal(keys[1], (11, 6), dtype)
+        c_BTV = jax.random.normal(keys[2], (2, 5, 11), jnp.promote_types(dtype, jnp.float32))
+        want = jax.tree.leaves(value_and_grads(plain, h_BTE, table_VE, c_BTV))
+        got = jax.tree.leaves(value_and_grads(vocab_projection, h_BTE, table_VE, c_BTV))
+    assert [x.dtype for x in got] == [x.dtype for x in want]
+    assert [x.shape for x in got] == [(), h_BTE.shape, table_VE.shape]
+    for name, got_x, want_x in zip(("value", "grad h", "grad table"), got, want, strict=True):
+        np.testing.assert_allclose(
+            np.float64(got_x), np.float64(want_x), rtol=rtol, atol=rtol * np.abs(want_x).max(), err_msg=name
+        )
 
 
 def test_first_argmax_is_argmax_ties_included():
