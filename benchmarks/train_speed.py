@@ -140,6 +140,32 @@ def compiled_target_forward(pair: TinyPair):
     return jax.jit(target_forward).lower(pair.target_state, pair.batch).compile()
 
 
+def compiled_drafter_forward(pair: TinyPair):
+    """One depth of the drafter's unroll with its vocabulary head, over the target's output for the pair's batch
+    (computed once, outside): a function of no arguments."""
+    drafter_graph, target_graph, target_state, batch = (
+        pair.drafter_graph,
+        pair.target_graph,
+        pair.target_state,
+        pair.batch,
+    )
+
+    @jax.jit
+    def frozen_output(target_state, batch):
+        target = nnx.merge(target_graph, target_state)
+        return frozen_target(target, batch, jnp.float32, pair.drafter.feature_layers)
+
+    @jax.jit
+    def drafter_forward(params, target_state, target_out, batch):
+        drafter = nnx.merge(drafter_graph, params, pair.extra)
+        target = nnx.merge(target_graph, target_state)
+        (depth_0,) = unroll(drafter, target, target_out, batch, 1)
+        return drafter.full_logits(depth_0.features.normed, drafter.vocab_table(target))
+
+    target_out = frozen_output(target_state, batch)
+    return lambda: drafter_forward(pair.params, target_state, target_out, batch)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=15)
@@ -147,9 +173,7 @@ def main():
     args = parser.parse_args()
     print(f"load average (1/5/15 min) at start: {load()}")
     pair = tiny_pair()
-    config, drafter, batch = pair.config, pair.drafter, pair.batch
-    target_graph, target_state = pair.target_graph, pair.target_state
-    drafter_graph, params, extra = pair.drafter_graph, pair.params, pair.extra
+    config, batch, target_state, params = pair.config, pair.batch, pair.target_state, pair.params
     batch_size, length = config.batch_size, config.seq_len
     losses = {"teacher once": loss_config(config)}
     losses["per depth"] = dataclasses.replace(losses["teacher once"], whole_teacher_bytes=0)
@@ -158,20 +182,7 @@ def main():
     for name, loss in losses.items():
         steps[name], states[name] = compiled_step(pair, loss)
     target_forward = compiled_target_forward(pair)
-
-    @jax.jit
-    def frozen_output(target_state, batch):
-        target = nnx.merge(target_graph, target_state)
-        return frozen_target(target, batch, jnp.float32, drafter.feature_layers)
-
-    @jax.jit
-    def drafter_forward(params, target_state, target_out, batch):
-        drafter = nnx.merge(drafter_graph, params, extra)
-        target = nnx.merge(target_graph, target_state)
-        (depth_0,) = unroll(drafter, target, target_out, batch, 1)
-        return drafter.full_logits(depth_0.features.normed, drafter.vocab_table(target))
-
-    target_out = frozen_output(target_state, batch)
+    drafter_forward = compiled_drafter_forward(pair)
 
     def train(name):
         def once():  # the step donates its state: feed each call the previous output
@@ -182,7 +193,7 @@ def main():
 
     calls = {
         "target forward": lambda: target_forward(target_state, batch),
-        "drafter forward": lambda: drafter_forward(params, target_state, target_out, batch),
+        "drafter forward": drafter_forward,
         **{f"train step, {name}": train(name) for name in losses},
     }
     for call in calls.values():  # compile and warm up
