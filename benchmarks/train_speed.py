@@ -112,9 +112,8 @@ def tiny_pair() -> TinyPair:
     return TinyPair(config, mesh, drafter, batch, target_graph, target_state, *split_trainable(drafter))
 
 
-def compiled_step(pair: TinyPair, loss) -> tuple:
-    """The jitted train step for ``loss`` (a ``LossConfig``), compiled now (so that patches in place at this call
-    are in it), and a fresh state for it."""
+def jitted_step(pair: TinyPair, loss) -> tuple:
+    """The jitted (not yet compiled) train step for ``loss`` (a ``LossConfig``) and a fresh state for it."""
     tx, schedule = make_optimizer(pair.config)
     state, state_sh = init_state(pair.params, pair.extra, tx, pair.mesh)
     step = jit_train_step(
@@ -127,6 +126,12 @@ def compiled_step(pair: TinyPair, loss) -> tuple:
         graph=pair.drafter_graph,
         objective=Distillation(pair.target_graph, loss, jnp.float32),
     )
+    return step, state
+
+
+def compiled_step(pair: TinyPair, loss) -> tuple:
+    """``jitted_step`` compiled now (so that patches in place at this call are in it), and a fresh state for it."""
+    step, state = jitted_step(pair, loss)
     return step.lower(state, pair.target_state, pair.batch).compile(), state
 
 
