@@ -24,6 +24,9 @@ def get_config(arg: str | None = None):
     config.log_every_steps = 10
     config.eval_every_steps = 200
     config.checkpoint_every_steps = 200
+    # 5 steps per compiled call: XLA:CPU then maps the step's 289 MiB of temporaries once per 5 steps, not once per
+    # step (benchmarks/steps_per_call.py: 12-16% faster per step).
+    config.steps_per_call = 5
     # The drafter learns from the target's own greedy answers to 1,024 of the training prompts (evenly spread over
     # both kinds), not from the corpus' answers: on one target, k = 4, τ 3.38 -> 3.72 and 1.71x -> 1.85x (2,048
     # prompts, 600 steps, vs the corpus and 720 steps; README).
@@ -56,6 +59,7 @@ def get_config(arg: str | None = None):
             log_every_steps=2,
             eval_every_steps=6,
             checkpoint_every_steps=4,
+            steps_per_call=1,
             eval_batches=2,
         )
         config.drafter.update(hidden_size=32, intermediate_size=64)  # narrower than the test target

@@ -27,6 +27,7 @@ RESUMABLE_KEYS = (
     "eval_batches",
     "checkpoint_every_steps",
     "keep_checkpoints",
+    "steps_per_call",
     "mesh",
     "wandb",
     "data.num_workers",

@@ -19,6 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batches = 4
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 3
+    # Train steps per compiled call (one lax.scan): on CPU each call maps its temporaries anew, so several steps per
+    # call are faster (benchmarks/steps_per_call.py). Must divide num_train_steps and the log/eval/checkpoint periods.
+    c.steps_per_call = 1
     c.compute_dtype = "float32"  # "bfloat16" for bf16 compute (params and optimizer state stay float32)
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
 

@@ -45,6 +45,14 @@ def train_step(
     return TrainState(state.step + 1, params, state.extra, opt_state), out
 
 
+def train_steps(state: TrainState, frozen_state: nnx.State, batches: dict, **static) -> tuple[TrainState, dict]:
+    """``train_step`` over each of ``batches``' leading axis in turn, in one program; the metrics stacked per step.
+
+    One call per several steps: XLA:CPU maps and unmaps a call's temporaries once per call, not once per step
+    (``benchmarks/steps_per_call.py``). The steps are the same as one call each (the same losses)."""
+    return jax.lax.scan(lambda state, batch: train_step(state, frozen_state, batch, **static), state, batches)
+
+
 def eval_step(
     state: TrainState, frozen_state: nnx.State, batch: dict, *, graph: nnx.GraphDef, objective: Objective
 ) -> dict:
@@ -70,6 +78,16 @@ def jit_train_step(state_sh, frozen_sh, batch_sh, metrics_sh, **static):
     return jax.jit(
         under_mesh(functools.partial(train_step, **static), batch_sh.mesh),
         in_shardings=(state_sh, frozen_sh, batch_sh),
+        out_shardings=(state_sh, metrics_sh),
+        donate_argnums=(0,),
+    )
+
+
+def jit_train_steps(state_sh, frozen_sh, batches_sh, metrics_sh, **static):
+    """``jit_train_step`` for ``train_steps``: ``batches_sh`` shards the stacked batches ([steps, B, T])."""
+    return jax.jit(
+        under_mesh(functools.partial(train_steps, **static), batches_sh.mesh),
+        in_shardings=(state_sh, frozen_sh, batches_sh),
         out_shardings=(state_sh, metrics_sh),
         donate_argnums=(0,),
     )

@@ -33,7 +33,7 @@ from mtp.training.state import (
     replicated,
     split_trainable,
 )
-from mtp.training.step import jit_eval_step, jit_train_step
+from mtp.training.step import jit_eval_step, jit_train_step, jit_train_steps
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,55 @@ def _device_batch(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
     }
 
 
+def _device_batches(batches: list[dict], sharding: jax.sharding.NamedSharding) -> dict:
+    """``_device_batch`` for several steps' batches at once, stacked on a new leading axis (``sharding``'s first,
+    unsplit)."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.stack([np.asarray(b[k]) for b in batches]))
+        for k in ("tokens", "loss_mask", "segment_ids", "positions")
+    }
+
+
+def check_steps_per_call(config: ml_collections.ConfigDict, start_step: int) -> int:
+    """``config.steps_per_call``, once it divides the run's length, its periods and the step it resumes from."""
+    per_call = config.get("steps_per_call", 1)
+    if per_call < 1:
+        raise UserError(f"steps_per_call={per_call}; set config.steps_per_call to 1 or more.")
+    periods = ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps")
+    if bad := [f"{name}={config[name]}" for name in periods if config[name] % per_call]:
+        raise UserError(
+            f"steps_per_call={per_call} must divide {', '.join(bad)} (steps run {per_call} per call); change "
+            "config.steps_per_call or those."
+        )
+    if start_step % per_call:
+        raise UserError(
+            f"the workdir's checkpoint is at step {start_step}, which steps_per_call={per_call} does not divide; "
+            "resume with a config.steps_per_call that divides it."
+        )
+    return per_call
+
+
 def check_finite(unchecked: list[tuple], last_good: int | None, workdir: epath.Path) -> None:
-    """Raises naming the first step since the last check whose loss or gradient norm was NaN or Inf."""
-    for step, finite, loss, grad_norm in jax.device_get(unchecked):
-        if not finite:
+    """Raises naming the first step since the last check whose loss or gradient norm was NaN or Inf.
+
+    ``unchecked``: per call, the number of its first step and its steps' finite flags, losses and gradient norms
+    (scalars for one step per call, else one entry per step)."""
+    for first, finite, loss, grad_norm in jax.device_get(unchecked):
+        finite, loss, grad_norm = (np.atleast_1d(x) for x in (finite, loss, grad_norm))
+        if (bad := np.flatnonzero(~finite)).size:
+            i = bad[0]
             raise NonFiniteLossError(
-                f"loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping (that step and any later one "
-                f"left the parameters unchanged). The last good checkpoint is "
+                f"loss is {loss[i]} (gradient norm {grad_norm[i]}) at step {first + i}; stopping (that step and any "
+                f"later one left the parameters unchanged). The last good checkpoint is "
                 f"{'step ' + str(last_good) if last_good is not None else 'none'} in {workdir / 'checkpoints'}."
             )
+
+
+def per_step(history: list[dict], per_call: int) -> list[dict]:
+    """The metrics of each step, from calls that ran ``per_call`` steps each (stacked on a leading axis)."""
+    if per_call == 1:
+        return history
+    return [{k: v[i] for k, v in call.items()} for call in jax.device_get(history) for i in range(per_call)]
 
 
 def _log_compiled(name: str, compiled) -> None:
@@ -126,7 +166,12 @@ def fit(
     batch_sh, metrics_sh = batch_sharding(mesh), replicated(mesh)
     frozen_sh = sharding_lib.state_shardings(frozen_state, mesh)
     static = dict(graph=graph, objective=objective)
-    step_fn = jit_train_step(state_sh, frozen_sh, batch_sh, metrics_sh, tx=tx, schedule=schedule, **static)
+    per_call = check_steps_per_call(config, start_step)
+    if per_call == 1:
+        step_fn = jit_train_step(state_sh, frozen_sh, batch_sh, metrics_sh, tx=tx, schedule=schedule, **static)
+    else:
+        batches_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sh.spec))
+        step_fn = jit_train_steps(state_sh, frozen_sh, batches_sh, metrics_sh, tx=tx, schedule=schedule, **static)
     eval_fn = jit_eval_step(state_sh, frozen_sh, batch_sh, metrics_sh, **static)
     eval_batches = [_device_batch(b, batch_sh) for b in eval_batches]
 
@@ -152,17 +197,20 @@ def fit(
             summary = evaluate()
             writer.write(0, summary)
         last_time = time.perf_counter()
-        for step in range(start_step, config.num_train_steps):
-            batch = _device_batch(next(train_iter), batch_sh)
+        for step in range(start_step, config.num_train_steps, per_call):
+            if per_call == 1:
+                batch = _device_batch(next(train_iter), batch_sh)
+            else:
+                batch = _device_batches([next(train_iter) for _ in range(per_call)], batches_sh)
             if compiled is None:  # compile first, and say how much memory the step needs
                 compiled = step_fn.lower(state, frozen_state, batch).compile()
-                _log_compiled("train step", compiled)
+                _log_compiled("train step" if per_call == 1 else f"train steps ({per_call} per call)", compiled)
             state, metrics = compiled(state, frozen_state, batch)
-            done = step + 1
+            done = step + per_call
             # Nothing here reads a device value: the host runs ahead of the device until it logs, evaluates or saves.
-            unchecked.append((done, metrics.pop("finite"), metrics["loss"], metrics["grad_norm"]))
+            unchecked.append((step + 1, metrics.pop("finite"), metrics["loss"], metrics["grad_norm"]))
             history.append(metrics)
-            writer.advance()
+            writer.advance(per_call)
             last = done == config.num_train_steps
             log_now = done % config.log_every_steps == 0 or last
             eval_now = done % config.eval_every_steps == 0 or last
@@ -173,9 +221,10 @@ def fit(
             unchecked = []
             record = {}
             if log_now:
-                record = to_python(mean_metrics(history))
+                record = to_python(mean_metrics(per_step(history, per_call)))
                 now = time.perf_counter()
-                record["tokens_per_second"] = len(history) * config.batch_size * config.seq_len / (now - last_time)
+                trained = len(history) * per_call * config.batch_size * config.seq_len
+                record["tokens_per_second"] = trained / (now - last_time)
                 record["truncated_examples"] = sum_over_processes(train_iter.num_truncated)
                 history, last_time = [], now
             if eval_now:
@@ -205,6 +254,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     if config.wandb.project and config.wandb.mode == "offline":
         config.wandb.mode = "online"  # naming a project means the user wants the run online
     mesh = training_mesh(config)  # a batch that does not split is refused before the workdir is touched
+    check_steps_per_call(config, 0)  # so are periods that steps_per_call does not divide
     check_workdir(workdir, config)
     dtype = jnp.dtype(config.compute_dtype)
 

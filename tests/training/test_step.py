@@ -10,6 +10,7 @@ from flax import nnx
 
 from configs import tiny
 from mtp import sharding as sharding_lib
+from mtp.errors import UserError
 from mtp.gemma4.config import config_from_hf
 from mtp.gemma4.model import Gemma4
 from mtp.training import objectives, setup, trainer
@@ -88,6 +89,31 @@ def test_a_non_finite_step_leaves_the_state_as_it_was(monkeypatch):
     assert metrics["finite"] and np.isfinite(metrics["loss"])
     moments = jax.tree.leaves(jax.device_get(state.opt_state))
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after.opt_state), moments, strict=True))
+
+
+def test_the_non_finite_check_names_the_step_inside_a_call_of_several():
+    """A call of 3 steps starting at step 5 whose second step is NaN: the error names step 6."""
+    finite, loss, grad_norm = np.array([True, False, True]), np.array([1.0, np.nan, 2.0]), np.array([3.0, np.nan, 4.0])
+    trainer.check_finite([(2, True, 0.5, 0.5), (5, finite[:1], loss[:1], grad_norm[:1])], 4, pathlib.Path("w"))
+    with pytest.raises(trainer.NonFiniteLossError, match=r"loss is nan \(gradient norm nan\) at step 6;.*step 4"):
+        trainer.check_finite([(2, True, 0.5, 0.5), (5, finite, loss, grad_norm)], 4, pathlib.Path("w"))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"steps_per_call": 5}, r"steps_per_call=5 must divide num_train_steps=12, log_every_steps=2, "),
+        ({"steps_per_call": 0}, r"steps_per_call=0; set config.steps_per_call to 1 or more"),
+        ({"steps_per_call": 2, "start": 3}, r"checkpoint is at step 3, which steps_per_call=2 does not divide"),
+    ],
+)
+def test_steps_per_call_must_fit_the_run(changes, message):
+    config = tiny.get_config("test")
+    config.steps_per_call = changes["steps_per_call"]
+    with pytest.raises(UserError, match=message):
+        trainer.check_steps_per_call(config, changes.get("start", 0))
+    config.steps_per_call = 2
+    assert trainer.check_steps_per_call(config, 4) == 2
 
 
 @pytest.mark.parametrize("family", ["gemma4", "medusa", "eagle3"])

@@ -100,6 +100,18 @@ def test_a_tiny_run_logs_evaluates_and_exports(finished_run):
     assert json.loads((finished_run / "hf" / "generation_config.json").read_text())["num_assistant_tokens"] >= 1
 
 
+def test_two_steps_per_call_train_the_same_steps(finished_run, tmp_path):
+    """``steps_per_call=2``: one compiled call (a scan) per two steps logs what one call per step logged."""
+    workdir = tmp_path / "two_per_call"
+    trainer.train(tiny_config(steps_per_call=2, eval_every_steps=6), workdir)
+    want = {r["step"]: r for r in logged(finished_run) if "loss" in r}
+    got = {r["step"]: r for r in logged(workdir) if "loss" in r}
+    assert sorted(got) == sorted(want) == [2, 4, 6, 8, 10, 12]
+    for step, record in want.items():
+        for key in ("loss", "top1_agreement", "grad_norm", "learning_rate", "trained_tokens"):
+            np.testing.assert_allclose(got[step][key], record[key], rtol=1e-5, err_msg=f"{key} at step {step}")
+
+
 def test_the_host_reads_device_values_only_to_log_evaluate_or_save(reference):
     """Between those steps the host only dispatches: it never waits for the device (steps 1, 5, 7 and 11)."""
     _, reads = reference
