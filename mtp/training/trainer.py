@@ -42,21 +42,19 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
 
 
+BATCH_FIELDS = ("tokens", "loss_mask", "segment_ids", "positions")
+
+
 def _device_batch(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
     """This process's rows of the global batch, assembled into one global array per field."""
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-        for k in ("tokens", "loss_mask", "segment_ids", "positions")
-    }
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in BATCH_FIELDS}
 
 
-def _device_batches(batches: list[dict], sharding: jax.sharding.NamedSharding) -> dict:
-    """``_device_batch`` for several steps' batches at once, stacked on a new leading axis (``sharding``'s first,
-    unsplit)."""
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.stack([np.asarray(b[k]) for b in batches]))
-        for k in ("tokens", "loss_mask", "segment_ids", "positions")
-    }
+def _stacked(batches: list[dict]) -> dict:
+    """Several steps' batches as one, on a new leading axis (one batch as it is)."""
+    if len(batches) == 1:
+        return batches[0]
+    return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in BATCH_FIELDS}
 
 
 def check_steps_per_call(config: ml_collections.ConfigDict, start_step: int) -> int:
@@ -168,10 +166,11 @@ def fit(
     static = dict(graph=graph, objective=objective)
     per_call = check_steps_per_call(config, start_step)
     if per_call == 1:
-        step_fn = jit_train_step(state_sh, frozen_sh, batch_sh, metrics_sh, tx=tx, schedule=schedule, **static)
-    else:
-        batches_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sh.spec))
-        step_fn = jit_train_steps(state_sh, frozen_sh, batches_sh, metrics_sh, tx=tx, schedule=schedule, **static)
+        steps_sh, jit_steps = batch_sh, jit_train_step
+    else:  # the steps' batches stacked on a leading axis, not split
+        steps_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sh.spec))
+        jit_steps = jit_train_steps
+    step_fn = jit_steps(state_sh, frozen_sh, steps_sh, metrics_sh, tx=tx, schedule=schedule, **static)
     eval_fn = jit_eval_step(state_sh, frozen_sh, batch_sh, metrics_sh, **static)
     eval_batches = [_device_batch(b, batch_sh) for b in eval_batches]
 
@@ -198,10 +197,7 @@ def fit(
             writer.write(0, summary)
         last_time = time.perf_counter()
         for step in range(start_step, config.num_train_steps, per_call):
-            if per_call == 1:
-                batch = _device_batch(next(train_iter), batch_sh)
-            else:
-                batch = _device_batches([next(train_iter) for _ in range(per_call)], batches_sh)
+            batch = _device_batch(_stacked([next(train_iter) for _ in range(per_call)]), steps_sh)
             if compiled is None:  # compile first, and say how much memory the step needs
                 compiled = step_fn.lower(state, frozen_state, batch).compile()
                 _log_compiled("train step" if per_call == 1 else f"train steps ({per_call} per call)", compiled)
