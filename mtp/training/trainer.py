@@ -59,6 +59,7 @@ def _stacked(batches: list[dict]) -> dict:
 
 def check_steps_per_call(config: ml_collections.ConfigDict, start_step: int) -> int:
     """``config.steps_per_call``, once it divides the run's length, its periods and the step it resumes from."""
+    # .get: the tiny target's recipe (configs/tiny_target.py) has no such key, and adding one would change its hash.
     per_call = config.get("steps_per_call", 1)
     if per_call < 1:
         raise UserError(f"steps_per_call={per_call}; set config.steps_per_call to 1 or more.")
